@@ -1,0 +1,107 @@
+// CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
+//
+// Algorithm (portable path): for every output row, bit-pack each input channel's patches
+// (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
+// patch once with XOR + popcount, then let every output channel gather and sum, over its
+// C_in/groups input channels, the response named by its index. Integer accumulation; the
+// per-channel scale and bias are applied once at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../conv_args.h"
+#include "packing.h"
+
+namespace sparks {
+namespace cpu {
+namespace {
+
+// Output positions whose responses are computed together; the response tile is
+// kTile x C_in/groups x n int16, small enough to stay in L1/L2 while every output channel
+// gathers from it.
+constexpr int64_t kTile = 8;
+
+template <typename scalar_t>
+void codebook_conv_portable(const at::Tensor& bits, const PackedCodebook& cb,
+                            const at::Tensor& indices, const ConvGeometry& g,
+                            const Epilogue<scalar_t>& epilogue) {
+  const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group(), n_cw = cb.size();
+  const uint8_t* bits_ptr = bits.data_ptr<uint8_t>();
+  const int32_t* idx_ptr = indices.data_ptr<int32_t>();
+  const int64_t plane = g.in_h * g.in_w;
+  const int64_t work = g.batch * g.groups * g.out_h;
+
+  at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> patch(cin_g * g.out_w), valid(g.out_w);
+    std::vector<int16_t> base(kTile * n_cw), resp(kTile * cin_g * n_cw);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t oh = item % g.out_h;
+      const int64_t grp = (item / g.out_h) % g.groups;
+      const int64_t n = item / (g.out_h * g.groups);
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        const uint8_t* p = bits_ptr + (n * g.in_channels + grp * cin_g + ci) * plane;
+        patch_row(p, g, oh, patch.data() + ci * g.out_w);
+      }
+      valid_row(g, oh, valid.data());
+
+      for (int64_t ow0 = 0; ow0 < g.out_w; ow0 += kTile) {
+        const int64_t tile = std::min(kTile, g.out_w - ow0);
+        // Each codeword's response to each patch of the tile, computed once.
+        for (int64_t t = 0; t < tile; ++t) {
+          const uint64_t v = valid[ow0 + t];
+          for (int64_t k = 0; k < n_cw; ++k)
+            base[t * n_cw + k] = static_cast<int16_t>(__builtin_popcountll(cb.mask[k] & v));
+          for (int64_t ci = 0; ci < cin_g; ++ci) {
+            const uint64_t x = patch[ci * g.out_w + ow0 + t];
+            int16_t* r = resp.data() + (t * cin_g + ci) * n_cw;
+            for (int64_t k = 0; k < n_cw; ++k)
+              r[k] = static_cast<int16_t>(
+                  base[t * n_cw + k] -
+                  2 * __builtin_popcountll(cb.mask[k] & v & (x ^ cb.sign[k])));
+          }
+        }
+        // Every output channel gathers its C_in/groups responses by index.
+        for (int64_t co = 0; co < cout_g; ++co) {
+          const int32_t* idx = idx_ptr + (grp * cout_g + co) * cin_g;
+          for (int64_t t = 0; t < tile; ++t) {
+            const int16_t* r = resp.data() + t * cin_g * n_cw;
+            int32_t acc = 0;
+            for (int64_t ci = 0; ci < cin_g; ++ci) acc += r[ci * n_cw + idx[ci]];
+            epilogue.store(acc, n, grp * cout_g + co, oh, ow0 + t);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
+                      const at::Tensor& indices, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      double pad_value) {
+  const ConvGeometry g = check_codebook_conv2d_args(input, codebook, indices, scale, bias, stride,
+                                                    padding, dilation, groups, pad_value);
+  const PackedCodebook cb = pack_codebook(codebook);
+  const at::Tensor idx = checked_indices(indices, cb.size());
+  at::Tensor output = allocate_output(input, g);
+  if (output.numel() == 0) return output;
+
+  const at::Tensor bits = binarize_input(input);
+  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_conv2d", [&] {
+    codebook_conv_portable<scalar_t>(bits, cb, idx, g, Epilogue<scalar_t>(output, scale_c, bias_c));
+  });
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparks, CPU, m) { m.impl("conv2d", &conv2d_cpu); }
+
+}  // namespace cpu
+}  // namespace sparks

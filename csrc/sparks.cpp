@@ -1,0 +1,15 @@
+// The one schema file: every op of the `sparks` namespace is declared here.
+// Backends register their kernels with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
+// Python adds the fake (meta) kernels and the autograd formulas (sparks_ext/ops.py).
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparks, m) {
+  // Codebook-indexed binary convolution: each kernel (co, ci) is codebook[indices[co, ci]].
+  m.def(
+      "conv2d(Tensor input, Tensor codebook, Tensor indices, Tensor? scale, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float pad_value) -> Tensor");
+  // Dense XNOR-popcount binary convolution with a {-1,+1} weight (C_out, C_in/groups, kh, kw).
+  m.def(
+      "binary_conv2d(Tensor input, Tensor weight, Tensor? scale, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, float pad_value) -> Tensor");
+}

@@ -1,0 +1,125 @@
+"""CodebookConv2d: the drop-in inference layer that runs :func:`sparks_ext.conv2d`."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import IntOrPair, _pair, conv2d
+from ..packing import kernels_to_ids, ids_to_kernels
+
+__all__ = ["CodebookConv2d", "most_frequent_codebook", "nearest_codeword"]
+
+
+def most_frequent_codebook(weight: torch.Tensor, n_codewords: int) -> torch.Tensor:
+    """The ``n_codewords`` most frequent binary kernels of ``weight`` (C_out, C_in/g, kh, kw)
+    after sign binarization, as a {-1,+1} (n, kh, kw) float tensor, most frequent first; ties
+    (and kernels never used, if fewer are distinct) are taken in codeword-id order."""
+    kh, kw = weight.shape[-2:]
+    total = 2 ** (kh * kw)
+    if not 1 <= n_codewords <= total:
+        raise ValueError(f"n_codewords must be in [1, {total}] for {kh}x{kw} kernels, got {n_codewords}")
+    counts = torch.bincount(kernels_to_ids(weight.detach()).reshape(-1).cpu(), minlength=total)
+    order = torch.sort(-counts, stable=True).indices[:n_codewords]
+    return ids_to_kernels(order, kh, kw).to(weight.device)
+
+
+def nearest_codeword(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """For each kernel of ``weight`` (C_out, C_in/g, kh, kw), the index of the codeword with the
+    largest inner product (first on ties), as int64 (C_out, C_in/g)."""
+    scores = torch.einsum("oikl,nkl->oin", weight.detach().float(), codebook.float())
+    return scores.argmax(dim=-1)
+
+
+class CodebookConv2d(nn.Module):
+    r"""Inference convolution whose kernels are indices into a small binary codebook.
+
+    ``forward(x) = sparks_ext.conv2d(x, codebook, indices, scale, bias, ...)``: the input is
+    binarized by sign, each kernel (co, ci) is ``codebook[indices[co, ci]]``, and each output
+    channel is multiplied by ``scale[co]`` and offset by ``bias[co]``.
+
+    Buffers: ``codebook`` int8 (n, kh, kw) in {-1, 0, +1}; ``indices`` int32
+    (C_out, C_in/groups); ``scale`` and ``bias`` float32 (C_out,) (cast to the input's dtype
+    in ``forward``). Build one from a trained ``nn.Conv2d`` with :meth:`from_conv2d`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
+                 n_codewords: int = 32, stride: IntOrPair = 1, padding: IntOrPair = 0,
+                 dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
+                 pad_value: float = 0.0):
+        super().__init__()
+        kh, kw = _pair(kernel_size, "kernel_size")
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        if n_codewords < 1:
+            raise ValueError(f"n_codewords must be at least 1, got {n_codewords}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding = tuple(_pair(stride, "stride")), tuple(_pair(padding, "padding"))
+        self.dilation, self.groups = tuple(_pair(dilation, "dilation")), groups
+        self.pad_value = float(pad_value)
+        self.register_buffer("codebook", torch.ones(n_codewords, kh, kw, dtype=torch.int8))
+        self.register_buffer("indices", torch.zeros(out_channels, in_channels // groups, dtype=torch.int32))
+        self.register_buffer("scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    @property
+    def n_codewords(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Index storage per weight: log2(n) / (kh * kw) (0.56 for n = 32, 3x3)."""
+        return math.log2(self.n_codewords) / (self.kernel_size[0] * self.kernel_size[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return conv2d(x, self.codebook, self.indices, self.scale.to(x.dtype), bias,
+                      self.stride, self.padding, self.dilation, self.groups, self.pad_value)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, n_codewords: int, pad_value: float = 0.0) -> "CodebookConv2d":
+        """Turns a trained ``nn.Conv2d`` into a codebook layer.
+
+        Weights are binarized by sign, ``scale = mean |W|`` per output channel, the codebook is
+        the ``n_codewords`` most frequent binary kernels, and every kernel maps to its nearest
+        codeword (largest inner product with its real-valued weights). The conv's bias is kept.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if isinstance(conv.padding, str):
+            if conv.padding != "valid":
+                raise ValueError(f"conv.padding={conv.padding!r} is not supported; use explicit integers")
+            padding = (0, 0)
+        else:
+            padding = conv.padding
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
+        weight = conv.weight.detach()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, n_codewords, conv.stride,
+                    padding, conv.dilation, conv.groups, bias=conv.bias is not None, pad_value=pad_value)
+        codebook = most_frequent_codebook(weight, n_codewords)
+        layer.codebook.copy_(codebook.to(torch.int8))
+        layer.indices.copy_(nearest_codeword(weight, codebook).to(torch.int32))
+        layer.scale.copy_(weight.abs().mean(dim=(1, 2, 3)).float())
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias.detach().float())
+        return layer.to(weight.device)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"n_codewords={self.n_codewords} ({self.bits_per_weight:.2f} bits/weight), "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.pad_value != 0.0:
+            s += f", pad_value={self.pad_value:g}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
