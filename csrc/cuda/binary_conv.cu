@@ -14,12 +14,14 @@
 //
 // Kernels:
 //   pack_weight_kernel   B (C_out, kwords) and the per-(co, tap) counts of +1 weights,
-//   pack_input_kernel    A (groups, M, kwords) straight from the input's strides, plus popc(A)
-//                        per row and the validity mask per position,
+//   pack_input_bits_kernel   A (groups, M, kwords) straight from the input's strides; or, when
+//                        C_in/groups is a multiple of 32, pack_pixels_kernel (32 channel signs
+//                        per word, once per pixel) + gather_patches_kernel (im2col of words),
 //   binary_gemm_mma_kernel   64x64 tiles, mma.sync m16n8k256 b1 AND.POPC (sm_80+),
 //   binary_gemm_popc_kernel  CUDA-core fallback (__popc), one thread per output: used below
 //                        sm_80, for small groups (depthwise) and when SPARKS_CUDA_PORTABLE=1.
-// Both GEMMs end in the same integer formula and the CPU's epilogue (cuda_helpers.cuh).
+// popc(A) and the validity of each row are computed by the GEMMs themselves. Both end in the
+// same integer formula and the CPU's epilogue (cuda_helpers.cuh).
 //
 // Value checks: weight entries outside {-1, +1} trip a device-side assert (cuda_helpers.cuh)
 // and read as -1.
@@ -86,12 +88,12 @@ __global__ void pack_weight_kernel(const weight_t* __restrict__ weight, int64_t 
   }
 }
 
-// Thread (grp, m): row m of A for group grp, popc of that row, and (grp 0) the validity mask
-// of the position. Rows are written whole, K padding included.
+// A, general case (any C_in/groups): thread (grp, m) packs row m of group grp bit by bit,
+// straight from the input's strides. Rows are written whole, K padding included.
 template <typename scalar_t>
-__global__ void pack_input_kernel(const InputView<scalar_t> x, const ConvGeometry g, int64_t rows,
-                                  int64_t kwords_padded, uint32_t* __restrict__ a,
-                                  int32_t* __restrict__ row_popc, uint64_t* __restrict__ vmask) {
+__global__ void pack_input_bits_kernel(const InputView<scalar_t> x, const ConvGeometry g,
+                                       int64_t rows, int64_t kwords_padded,
+                                       uint32_t* __restrict__ a) {
   const int64_t cin_g = g.in_channels / g.groups;
   const int64_t out_hw = g.out_h * g.out_w;
   const uint32_t pad_bit = g.pad_value > 0 ? 1u : 0u;
@@ -102,33 +104,92 @@ __global__ void pack_input_kernel(const InputView<scalar_t> x, const ConvGeometr
     const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
     uint32_t* row = a + item * kwords_padded;
     uint32_t word = 0;
-    int bit = 0, count = 0, t = 0;
+    int bit = 0;
     int64_t w_out = 0;
-    uint64_t valid = 0;
     for (int64_t i = 0; i < g.kernel_h; ++i) {
       const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
-      for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
         const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
         const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-        if (inside || g.pad_value != 0) valid |= uint64_t{1} << t;
         for (int64_t c = 0; c < cin_g; ++c) {
           word |= (inside ? x.bit(n, grp * cin_g + c, ih, iw) : pad_bit) << bit;
           if (++bit == 32) {
             row[w_out++] = word;
-            count += __popc(word);
             word = 0;
             bit = 0;
           }
         }
       }
     }
-    if (bit > 0) {
-      row[w_out++] = word;
-      count += __popc(word);
-    }
+    if (bit > 0) row[w_out++] = word;
     for (; w_out < kwords_padded; ++w_out) row[w_out] = 0;
-    row_popc[item] = count;
-    if (grp == 0) vmask[m] = valid;
+  }
+}
+
+// A when C_in/groups is a multiple of 32, in two cheap passes. First every input pixel's channel
+// signs, 32 per word: pixels (n, grp, h, w) x cwords words. With channels_last input a warp
+// reads 32 consecutive channels and __ballot_sync forms the word; otherwise a thread loops over
+// 32 channel planes while its neighbours read the neighbouring pixels.
+template <typename scalar_t>
+__global__ void pack_pixels_kernel(const InputView<scalar_t> x, const ConvGeometry g,
+                                   int64_t cwords, bool channels_contiguous,
+                                   uint32_t* __restrict__ pixels) {
+  const int64_t cin_g = g.in_channels / g.groups;
+  const int64_t hw = g.in_h * g.in_w;
+  const int64_t total = g.batch * g.groups * hw * cwords;
+  if (channels_contiguous) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = int64_t{gridDim.x} * blockDim.x / 32;
+    for (int64_t item = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; item < total;
+         item += warps) {  // item is the same for the whole warp: the ballot is uniform
+      const int64_t cw = item % cwords, pixel = item / cwords;
+      const int64_t p = pixel % hw, ng = pixel / hw;
+      const int64_t grp = ng % g.groups, n = ng / g.groups;
+      const uint32_t bit = x.bit(n, grp * cin_g + cw * 32 + lane, p / g.in_w, p % g.in_w);
+      const uint32_t word = __ballot_sync(0xffffffffu, bit != 0);
+      if (lane == 0) pixels[item] = word;
+    }
+  } else {
+    for (int64_t item = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; item < total;
+         item += int64_t{gridDim.x} * blockDim.x) {
+      // Pixel fastest across threads (coalesced reads of each channel plane).
+      const int64_t p = item % hw, rest = item / hw;
+      const int64_t cw = rest % cwords, ng = rest / cwords;
+      const int64_t grp = ng % g.groups, n = ng / g.groups;
+      const int64_t h = p / g.in_w, w = p % g.in_w;
+      uint32_t word = 0;
+      for (int b = 0; b < 32; ++b) word |= x.bit(n, grp * cin_g + cw * 32 + b, h, w) << b;
+      pixels[(ng * hw + p) * cwords + cw] = word;
+    }
+  }
+}
+
+// Then thread (grp, m, t) copies tap t's pixel words into row m of A (word t * cwords + cw is
+// channels cw*32 .. cw*32+31 of tap t: the same bit order as the general packer), or the
+// padding's words; the last tap's thread also zeroes the K padding.
+__global__ void gather_patches_kernel(const uint32_t* __restrict__ pixels, const ConvGeometry g,
+                                      int64_t rows, int64_t cwords, int64_t kwords_padded,
+                                      uint32_t* __restrict__ a) {
+  const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
+  const int64_t out_hw = g.out_h * g.out_w;
+  const uint32_t pad_word = g.pad_value > 0 ? 0xFFFFFFFFu : 0u;
+  for (int64_t item = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; item < g.groups * rows * taps;
+       item += int64_t{gridDim.x} * blockDim.x) {
+    const int t = static_cast<int>(item % taps);
+    const int64_t row_index = item / taps;  // grp * rows + m
+    const int64_t grp = row_index / rows, m = row_index % rows;
+    const int64_t n = m / out_hw, pos = m % out_hw;
+    const int64_t ih = (pos / g.out_w) * g.stride_h - g.pad_h + (t / g.kernel_w) * g.dil_h;
+    const int64_t iw = (pos % g.out_w) * g.stride_w - g.pad_w + (t % g.kernel_w) * g.dil_w;
+    uint32_t* dst = a + row_index * kwords_padded + t * cwords;
+    if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w) {
+      const uint32_t* src = pixels + (((n * g.groups + grp) * g.in_h + ih) * g.in_w + iw) * cwords;
+      for (int64_t cw = 0; cw < cwords; ++cw) dst[cw] = src[cw];
+    } else {
+      for (int64_t cw = 0; cw < cwords; ++cw) dst[cw] = pad_word;
+    }
+    if (t == taps - 1)
+      for (int64_t w = taps * cwords; w < kwords_padded; ++w) a[row_index * kwords_padded + w] = 0;
   }
 }
 
@@ -173,8 +234,7 @@ __device__ __forceinline__ void mma_and_popc(int32_t (&d)[4], const uint32_t (&a
 // popc(A word & B word), whatever the bit order inside a word, since A and B share it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMmaThreads)
-binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict__ row_popc,
-                       const uint64_t* __restrict__ vmask, const uint32_t* __restrict__ b,
+binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
                        const int32_t* __restrict__ wcount, const ConvGeometry g, int64_t rows,
                        int64_t kwords_padded, int64_t co_tiles,
                        const Epilogue<scalar_t> epilogue) {
@@ -191,10 +251,10 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict
   const int64_t grp = blockIdx.y / co_tiles;
   const int64_t co0 = (blockIdx.y % co_tiles) * kTileN;
 
+  const int64_t out_hw = g.out_h * g.out_w;
   for (int r = tid; r < kTileM; r += kMmaThreads) {
-    const int64_t m = m0 + r;
-    a_popc_s[r] = m < rows ? row_popc[grp * rows + m] : 0;
-    valid_s[r] = m < rows ? vmask[m] : 0;
+    const int64_t pos = (m0 + r) % out_hw;
+    valid_s[r] = m0 + r < rows ? valid_word<uint64_t>(g, pos / g.out_w, pos % g.out_w) : 0;
   }
   for (int c = tid; c < kTileN; c += kMmaThreads) {
     const int64_t co = co0 + c;
@@ -216,6 +276,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict
           : nullptr;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int64_t steps = kwords_padded / kStepWords;
+  int32_t a_count = 0;  // popc of this thread's pieces of its A row
 
   int32_t acc[2][4][4];
 #pragma unroll
@@ -229,7 +290,9 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
 
   if (steps > 0) {
-    *reinterpret_cast<uint4*>(&as[0][ld_row][ld_half * 4]) = a_src ? a_src[0] : zero;
+    const uint4 a_first = a_src ? a_src[0] : zero;
+    a_count += popc(a_first.x) + popc(a_first.y) + popc(a_first.z) + popc(a_first.w);
+    *reinterpret_cast<uint4*>(&as[0][ld_row][ld_half * 4]) = a_first;
     *reinterpret_cast<uint4*>(&bs[0][ld_row][ld_half * 4]) = b_src ? b_src[0] : zero;
   }
   __syncthreads();
@@ -262,11 +325,16 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict
 #pragma unroll
       for (int j = 0; j < 4; ++j) mma_and_popc(acc[i][j], af[i], bf[j]);
     if (s + 1 < steps) {
+      a_count += popc(a_next.x) + popc(a_next.y) + popc(a_next.z) + popc(a_next.w);
       *reinterpret_cast<uint4*>(&as[buf ^ 1][ld_row][ld_half * 4]) = a_next;
       *reinterpret_cast<uint4*>(&bs[buf ^ 1][ld_row][ld_half * 4]) = b_next;
     }
     __syncthreads();
   }
+  // The two halves of a row are loaded by neighbouring lanes of one warp.
+  a_count += __shfl_xor_sync(0xffffffffu, a_count, 1);
+  if (ld_half == 0) a_popc_s[ld_row] = a_count;
+  __syncthreads();
 
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -288,8 +356,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict
 // One thread per output (grp, m, co): the CUDA-core fallback.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const int32_t* __restrict__ row_popc,
-                        const uint64_t* __restrict__ vmask, const uint32_t* __restrict__ b,
+binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
                         const int32_t* __restrict__ wcount, const ConvGeometry g, int64_t rows,
                         int64_t kwords_padded, const Epilogue<scalar_t> epilogue) {
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
@@ -303,13 +370,17 @@ binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const int32_t* __restric
     const int64_t co_global = grp * cout_g + co;
     const uint32_t* a_row = a + (grp * rows + m) * kwords_padded;
     const uint32_t* b_row = b + co_global * kwords_padded;
-    int32_t and_popc = 0;
-    for (int64_t w = 0; w < kwords_padded; ++w) and_popc += __popc(a_row[w] & b_row[w]);
+    int32_t and_popc = 0, a_popc = 0;
+    for (int64_t w = 0; w < kwords_padded; ++w) {
+      and_popc += popc(a_row[w] & b_row[w]);
+      a_popc += popc(a_row[w]);
+    }
     const int32_t* wcount_row = wcount + co_global * taps;
     int32_t b_total = 0;
     for (int t = 0; t < taps; ++t) b_total += wcount_row[t];
-    finish(and_popc, row_popc[grp * rows + m], vmask[m], b_total, wcount_row, g, m, co_global,
-           epilogue);
+    const int64_t pos = m % (g.out_h * g.out_w);
+    finish(and_popc, a_popc, valid_word<uint64_t>(g, pos / g.out_w, pos % g.out_w), b_total,
+           wcount_row, g, m, co_global, epilogue);
   }
 }
 
@@ -378,30 +449,43 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   }
 
   const at::Tensor a = at::empty({g.groups, rows, kwords_padded}, i32);
-  const at::Tensor row_popc = at::empty({g.groups, rows}, i32);
-  const at::Tensor vmask = at::empty({rows}, input.options().dtype(at::kLong));
+  const bool by_pixels = cin_g % 32 == 0 && cin_g > 0;
+  const int64_t cwords = cin_g / 32;
+  const at::Tensor pixels =
+      at::empty({by_pixels ? g.batch * g.groups * g.in_h * g.in_w * cwords : 0}, i32);
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   uint32_t* a_ptr = reinterpret_cast<uint32_t*>(a.data_ptr<int32_t>());
-  uint64_t* vmask_ptr = reinterpret_cast<uint64_t*>(vmask.data_ptr<int64_t>());
   const uint32_t* b_ptr = reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_binary_conv2d_cuda", [&] {
-    pack_input_kernel<scalar_t><<<grid_for(g.groups * rows, kThreads), kThreads, 0, stream>>>(
-        make_input_view<scalar_t>(input), g, rows, kwords_padded, a_ptr,
-        row_popc.data_ptr<int32_t>(), vmask_ptr);
+    const InputView<scalar_t> x = make_input_view<scalar_t>(input);
+    if (by_pixels) {
+      uint32_t* pixels_ptr = reinterpret_cast<uint32_t*>(pixels.data_ptr<int32_t>());
+      const bool channels_contiguous = input.stride(1) == 1;
+      const int64_t pixel_words = pixels.numel();
+      pack_pixels_kernel<scalar_t>
+          <<<grid_for(channels_contiguous ? 32 * pixel_words : pixel_words, kThreads), kThreads, 0,
+             stream>>>(x, g, cwords, channels_contiguous, pixels_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gather_patches_kernel<<<grid_for(g.groups * rows * taps, kThreads), kThreads, 0, stream>>>(
+          pixels_ptr, g, rows, cwords, kwords_padded, a_ptr);
+    } else {
+      pack_input_bits_kernel<scalar_t><<<grid_for(g.groups * rows, kThreads), kThreads, 0, stream>>>(
+          x, g, rows, kwords_padded, a_ptr);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const Epilogue<scalar_t> epilogue = make_epilogue<scalar_t>(output, scale_c, bias_c);
     if (use_mma) {
       const dim3 grid(static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
                       static_cast<unsigned int>(g.groups * co_tiles));
       binary_gemm_mma_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(
-          a_ptr, row_popc.const_data_ptr<int32_t>(), vmask_ptr, b_ptr,
+          a_ptr, b_ptr,
           wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, co_tiles, epilogue);
     } else {
       binary_gemm_popc_kernel<scalar_t>
           <<<grid_for(g.groups * rows * cout_g, kThreads), kThreads, 0, stream>>>(
-              a_ptr, row_popc.const_data_ptr<int32_t>(), vmask_ptr, b_ptr,
+              a_ptr, b_ptr,
               wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, epilogue);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
