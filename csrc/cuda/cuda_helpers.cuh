@@ -24,6 +24,11 @@
 
 #include "../conv_args.h"
 
+// The kernels' dynamic shared memory (tests/cuda_emu defines its own).
+#ifndef SPARKS_DYNAMIC_SHARED
+#define SPARKS_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace sparks {
 namespace cuda {
 
