@@ -162,11 +162,12 @@ __global__ void gather_patches_kernel(const uint32_t* __restrict__ pixels, const
   }
 }
 
-// out = 4 popc(A & B) - 2 popc(A) - 2 popc(B over valid taps) + |valid taps| * cin_g.
+// out = 4 popc(A & B) - 2 popc(A) - 2 popc(B over valid taps) + |valid taps| * cin_g, stored at
+// the output position's offset (Epilogue::offset) in channel co.
 template <typename scalar_t>
 __device__ __forceinline__ void finish(int32_t and_popc, int32_t a_popc, uint64_t valid,
                                        int32_t b_total, const int32_t* __restrict__ wcount_row,
-                                       const ConvGeometry& g, int64_t m, int64_t co,
+                                       const ConvGeometry& g, int64_t position_offset, int64_t co,
                                        const Epilogue<scalar_t>& epilogue) {
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
   const int32_t cin_g = static_cast<int32_t>(g.in_channels / g.groups);
@@ -176,10 +177,7 @@ __device__ __forceinline__ void finish(int32_t and_popc, int32_t a_popc, uint64_
     b_popc = 0;
     for (uint64_t v = valid; v != 0; v &= v - 1) b_popc += wcount_row[__ffsll(v) - 1];
   }
-  const int32_t acc = 4 * and_popc - 2 * a_popc - 2 * b_popc + valid_taps * cin_g;
-  const int64_t out_hw = g.out_h * g.out_w;
-  const int64_t pos = m % out_hw;
-  epilogue.store(acc, m / out_hw, co, pos / g.out_w, pos % g.out_w);
+  epilogue.store_at(4 * and_popc - 2 * a_popc - 2 * b_popc + valid_taps * cin_g, position_offset, co);
 }
 
 __device__ __forceinline__ void mma_and_popc(int32_t (&d)[4], const uint32_t (&a)[4],
@@ -213,6 +211,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
   __shared__ __align__(16) uint32_t bs[2][kTileN][kRowWords];
   __shared__ int32_t a_popc_s[kTileM];
   __shared__ uint64_t valid_s[kTileM];
+  __shared__ int64_t offset_s[kTileM];
   __shared__ int32_t b_total_s[kTileN];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -223,9 +222,12 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
   const int64_t co0 = (blockIdx.y % co_tiles) * kTileN;
 
   const int64_t out_hw = g.out_h * g.out_w;
-  for (int r = tid; r < kTileM; r += kMmaThreads) {
-    const int64_t pos = (m0 + r) % out_hw;
-    valid_s[r] = m0 + r < rows ? valid_word<uint64_t>(g, pos / g.out_w, pos % g.out_w) : 0;
+  for (int r = tid; r < kTileM; r += kMmaThreads) {  // per row, once: divisions are costly
+    const int64_t m = m0 + r < rows ? m0 + r : 0;
+    const int64_t n = m / out_hw, pos = m % out_hw;
+    const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
+    valid_s[r] = valid_word<uint64_t>(g, oh * g.stride_h - g.pad_h, ow * g.stride_w - g.pad_w);
+    offset_s[r] = epilogue.offset(n, oh, ow);
   }
   for (int c = tid; c < kTileN; c += kMmaThreads) {
     const int64_t co = co0 + c;
@@ -319,7 +321,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
         if (m < rows && co < cout_g) {
           const int64_t co_global = grp * cout_g + co;
           finish(acc[i][j][r], a_popc_s[row], valid_s[row], b_total_s[col],
-                 wcount + co_global * taps, g, m, co_global, epilogue);
+                 wcount + co_global * taps, g, offset_s[row], co_global, epilogue);
         }
       }
 }
@@ -349,9 +351,11 @@ binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const uint32_t* __restri
     const int32_t* wcount_row = wcount + co_global * taps;
     int32_t b_total = 0;
     for (int t = 0; t < taps; ++t) b_total += wcount_row[t];
-    const int64_t pos = m % (g.out_h * g.out_w);
-    finish(and_popc, a_popc, valid_word<uint64_t>(g, pos / g.out_w, pos % g.out_w), b_total,
-           wcount_row, g, m, co_global, epilogue);
+    const int64_t out_hw = g.out_h * g.out_w;
+    const int64_t n = m / out_hw, oh = (m % out_hw) / g.out_w, ow = m % g.out_w;
+    finish(and_popc, a_popc,
+           valid_word<uint64_t>(g, oh * g.stride_h - g.pad_h, ow * g.stride_w - g.pad_w), b_total,
+           wcount_row, g, epilogue.offset(n, oh, ow), co_global, epilogue);
   }
 }
 

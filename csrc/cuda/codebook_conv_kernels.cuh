@@ -55,7 +55,9 @@ int64_t tiled_smem_bytes(int64_t n_cw, int64_t chunk) {
          + chunk * kPos * int64_t{sizeof(word_t)}  // patches
          + kPos * int64_t{sizeof(word_t)}          // validity
          + 2 * n_cw * int64_t{sizeof(word_t)}      // codebook sign, mask
-         + kCoTile * chunk * 4;                    // indices
+         + kPos * 8                                // output offset per position
+         + kCoTile * chunk * 4                     // indices
+         + 2 * kPos * 4;                           // window origin (ih0, iw0) per position
 }
 
 // Largest chunk of input channels (<= kMaxChunk) whose tile fits the shared-memory budget; the
@@ -82,7 +84,10 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
   word_t* valid = patch + chunk * kPos;
   word_t* sign = valid + kPos;
   word_t* mask = sign + n_cw;
-  int32_t* idx = reinterpret_cast<int32_t*>(mask + n_cw);
+  int64_t* out_offset = reinterpret_cast<int64_t*>(mask + n_cw);
+  int32_t* idx = reinterpret_cast<int32_t*>(out_offset + kPos);
+  int32_t* ih0 = idx + kCoTile * chunk;
+  int32_t* iw0 = ih0 + kPos;
 
   const int tid = threadIdx.x;
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
@@ -101,9 +106,14 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
     sign[k] = cb_sign[k];
     mask[k] = cb_mask[k];
   }
+  // Per position, once: window origin, validity, output offset (divisions are costly on GPUs).
   for (int p = tid; p < kPos; p += kThreads) {
-    const int64_t pos = pos0 + p;
-    valid[p] = pos < out_hw ? valid_word<word_t>(g, pos / g.out_w, pos % g.out_w) : word_t{0};
+    const int64_t pos = pos0 + p < out_hw ? pos0 + p : 0;
+    const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
+    ih0[p] = static_cast<int32_t>(oh * g.stride_h - g.pad_h);
+    iw0[p] = static_cast<int32_t>(ow * g.stride_w - g.pad_w);
+    valid[p] = pos0 + p < out_hw ? valid_word<word_t>(g, ih0[p], iw0[p]) : word_t{0};
+    out_offset[p] = epilogue.offset(n, oh, ow);
   }
   __syncthreads();
   // Tiles away from zero padding (all of them for pad_value = +-1) skip the validity masks: one
@@ -127,11 +137,9 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
     for (int item = tid; item < cc * kPos; item += kThreads) {
       const int ci_l = channels_fastest ? item % cc : item / kPos;
       const int p = channels_fastest ? item / cc : item % kPos;
-      const int64_t pos = pos0 + p;
       patch[ci_l * kPos + p] =
-          pos < out_hw ? patch_word<word_t>(x, g, n, grp * cin_g + ci0 + ci_l, pos / g.out_w,
-                                            pos % g.out_w)
-                       : word_t{0};
+          pos0 + p < out_hw ? patch_word<word_t>(x, g, n, grp * cin_g + ci0 + ci_l, ih0[p], iw0[p])
+                            : word_t{0};
     }
     for (int item = tid; item < kCoTile * cc; item += kThreads) {
       const int c = item / cc, ci_l = item % cc;
@@ -197,9 +205,8 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
   const int32_t bias = taps * static_cast<int32_t>(cin_g);
 #pragma unroll
   for (int i = 0; i < kPosPerThread; ++i) {
-    const int64_t pos = pos0 + pq * kPosPerThread + i;
-    if (pos < out_hw)
-      epilogue.store(acc[i] - bias, n, grp * cout_g + co0 + co_l, pos / g.out_w, pos % g.out_w);
+    const int p = pq * kPosPerThread + i;
+    if (pos0 + p < out_hw) epilogue.store_at(acc[i] - bias, out_offset[p], grp * cout_g + co0 + co_l);
   }
 }
 
@@ -219,12 +226,13 @@ codebook_conv_direct_kernel(const InputView<scalar_t> x, const ConvGeometry g,
     const int64_t n = item / (out_hw * g.out_channels);
     const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
     const int64_t grp = co / cout_g;
-    const word_t v = valid_word<word_t>(g, oh, ow);
+    const int64_t ih0 = oh * g.stride_h - g.pad_h, iw0 = ow * g.stride_w - g.pad_w;
+    const word_t v = valid_word<word_t>(g, ih0, iw0);
     int32_t acc = 0;
     for (int64_t ci = 0; ci < cin_g; ++ci) {
       const int k = indices[co * cin_g + ci];
       const word_t mv = cb_mask[k] & v;
-      const word_t p = patch_word<word_t>(x, g, n, grp * cin_g + ci, oh, ow);
+      const word_t p = patch_word<word_t>(x, g, n, grp * cin_g + ci, ih0, iw0);
       acc += popc(mv) - 2 * popc(mv & (p ^ cb_sign[k]));
     }
     epilogue.store(acc, n, co, oh, ow);

@@ -69,12 +69,21 @@ struct Epilogue {
   const scalar_t* scale;  // nullptr if absent
   const scalar_t* bias;   // nullptr if absent
 
-  __device__ __forceinline__ void store(int32_t acc, int64_t n, int64_t co, int64_t oh,
-                                        int64_t ow) const {
+  // Offset of out[n, 0, oh, ow]: kernels compute it once per output position.
+  __device__ __forceinline__ int64_t offset(int64_t n, int64_t oh, int64_t ow) const {
+    return n * s_n + oh * s_h + ow * s_w;
+  }
+
+  __device__ __forceinline__ void store_at(int32_t acc, int64_t position_offset, int64_t co) const {
     opmath_t v = static_cast<opmath_t>(acc);
     if (scale != nullptr) v = mul_rn(v, static_cast<opmath_t>(scale[co]));
     if (bias != nullptr) v = add_rn(v, static_cast<opmath_t>(bias[co]));
-    out[n * s_n + co * s_c + oh * s_h + ow * s_w] = static_cast<scalar_t>(v);
+    out[position_offset + co * s_c] = static_cast<scalar_t>(v);
+  }
+
+  __device__ __forceinline__ void store(int32_t acc, int64_t n, int64_t co, int64_t oh,
+                                        int64_t ow) const {
+    store_at(acc, offset(n, oh, ow), co);
   }
 };
 
@@ -110,19 +119,20 @@ InputView<scalar_t> make_input_view(const at::Tensor& input) {
           input.stride(3)};
 }
 
-// Patch word of output position (oh, ow) on input channel c of image n: bit t = i * kw + j is
+// Patch word on input channel c of image n of the output position whose window starts at input
+// row ih0 = oh * stride_h - pad_h and column iw0 = ow * stride_w - pad_w: bit t = i * kw + j is
 // the sign bit of the tap, or the padding's bit (1 for pad_value = +1, else 0) outside the image.
 template <typename word_t, typename scalar_t>
 __device__ __forceinline__ word_t patch_word(const InputView<scalar_t>& x, const ConvGeometry& g,
-                                             int64_t n, int64_t c, int64_t oh, int64_t ow) {
+                                             int64_t n, int64_t c, int64_t ih0, int64_t iw0) {
   const word_t pad_bit = g.pad_value > 0 ? 1 : 0;
   word_t word = 0;
   int t = 0;
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    const int64_t ih = ih0 + i * g.dil_h;
     const bool row_inside = ih >= 0 && ih < g.in_h;
     for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
-      const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
+      const int64_t iw = iw0 + j * g.dil_w;
       const word_t bit = (row_inside && iw >= 0 && iw < g.in_w)
                              ? static_cast<word_t>(x.bit(n, c, ih, iw))
                              : pad_bit;
@@ -132,19 +142,20 @@ __device__ __forceinline__ word_t patch_word(const InputView<scalar_t>& x, const
   return word;
 }
 
-// Validity word of output position (oh, ow): bit t set when tap t counts. Only zero padding
-// makes taps invalid; with pad_value = +-1 every tap is valid (it reads the padding's sign).
+// Validity word of the output position whose window starts at (ih0, iw0): bit t set when tap t
+// counts. Only zero padding makes taps invalid; with pad_value = +-1 every tap is valid (it
+// reads the padding's sign).
 template <typename word_t>
-__device__ __forceinline__ word_t valid_word(const ConvGeometry& g, int64_t oh, int64_t ow) {
+__device__ __forceinline__ word_t valid_word(const ConvGeometry& g, int64_t ih0, int64_t iw0) {
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
   if (g.pad_value != 0) return low_bits<word_t>(taps);
   word_t word = 0;
   int t = 0;
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
+    const int64_t ih = ih0 + i * g.dil_h;
     const bool row_inside = ih >= 0 && ih < g.in_h;
     for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
-      const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
+      const int64_t iw = iw0 + j * g.dil_w;
       if (row_inside && iw >= 0 && iw < g.in_w) word |= word_t{1} << t;
     }
   }
