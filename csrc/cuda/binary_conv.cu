@@ -17,7 +17,9 @@
 //   pack_input_bits_kernel   A (groups, M, kwords) straight from the input's strides; or, when
 //                        C_in/groups is a multiple of 32, pack_pixels_kernel (32 channel signs
 //                        per word, once per pixel) + gather_patches_kernel (im2col of words),
-//   binary_gemm_mma_kernel   64x64 tiles, mma.sync m16n8k256 b1 AND.POPC (sm_80+),
+//   binary_gemm_mma_kernel   64x64 tiles, mma.sync m16n8k256 b1 AND.POPC (sm_80+); when the
+//                        pixel words exist it reads A's tiles straight from them (implicit GEMM,
+//                        no im2col matrix in memory),
 //   binary_gemm_popc_kernel  CUDA-core fallback (__popc), one thread per output: used below
 //                        sm_80, for small groups (depthwise) and when SPARKS_CUDA_PORTABLE=1.
 // popc(A) and the validity of each row are computed by the GEMMs themselves. Both end in the
@@ -52,7 +54,7 @@ bool mma_available(int device) {
   if (state == 0) {
     cudaFuncAttributes attr;
     const bool ok =
-        cudaFuncGetAttributes(&attr, binary_gemm_mma_kernel<float>) == cudaSuccess;
+        cudaFuncGetAttributes(&attr, binary_gemm_mma_kernel<float, false>) == cudaSuccess;
     if (!ok) (void)cudaGetLastError();  // no image for this device: not sticky, just clear it
     // ptxVersion is the virtual architecture the code was compiled from (__CUDA_ARCH__):
     // sm_90 running PTX JIT-ed from compute_75 must not take the MMA path.
@@ -107,8 +109,10 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  const at::Tensor a = at::empty({g.groups, rows, kwords_padded}, i32);
   const bool by_pixels = cin_g % 32 == 0 && cin_g > 0;
+  // The tensor-core GEMM reads A's tiles straight from the pixel words when it can.
+  const bool implicit = use_mma && by_pixels && kwords_padded <= kMaxImplicitWords;
+  const at::Tensor a = at::empty({implicit ? 0 : g.groups * rows * kwords_padded}, i32);
   const int64_t cwords = cin_g / 32;
   const at::Tensor pixels =
       at::empty({by_pixels ? g.batch * g.groups * g.in_h * g.in_w * cwords : 0}, i32);
@@ -127,8 +131,9 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
           <<<grid_for(channels_contiguous ? 32 * pixel_words : pixel_words, kDenseThreads), kDenseThreads, 0,
              stream>>>(x, g, cwords, channels_contiguous, pixels_ptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gather_patches_kernel<<<grid_for(g.groups * rows * taps, kDenseThreads), kDenseThreads, 0, stream>>>(
-          pixels_ptr, g, rows, cwords, kwords_padded, a_ptr);
+      if (!implicit)
+        gather_patches_kernel<<<grid_for(g.groups * rows * taps, kDenseThreads), kDenseThreads, 0,
+                                stream>>>(pixels_ptr, g, rows, cwords, kwords_padded, a_ptr);
     } else {
       pack_input_bits_kernel<scalar_t><<<grid_for(g.groups * rows, kDenseThreads), kDenseThreads, 0, stream>>>(
           x, g, rows, kwords_padded, a_ptr);
@@ -138,8 +143,15 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
     if (use_mma) {
       const dim3 grid(static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
                       static_cast<unsigned int>(g.groups * co_tiles));
-      binary_gemm_mma_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(
-          a_ptr, b_ptr,
+      const uint32_t* pixels_ptr = reinterpret_cast<const uint32_t*>(pixels.const_data_ptr<int32_t>());
+      if (implicit)
+        binary_gemm_mma_kernel<scalar_t, true>
+            <<<grid, kMmaThreads, implicit_smem_bytes(kwords_padded), stream>>>(
+                nullptr, pixels_ptr, cwords, b_ptr, wcount.const_data_ptr<int32_t>(), g, rows,
+                kwords_padded, co_tiles, epilogue);
+      else
+        binary_gemm_mma_kernel<scalar_t, false><<<grid, kMmaThreads, 0, stream>>>(
+          a_ptr, pixels_ptr, cwords, b_ptr,
           wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, co_tiles, epilogue);
     } else {
       binary_gemm_popc_kernel<scalar_t>

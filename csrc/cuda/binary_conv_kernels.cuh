@@ -195,18 +195,31 @@ __device__ __forceinline__ void mma_and_popc(int32_t (&d)[4], const uint32_t (&a
 #endif
 }
 
+// Dynamic shared memory of the implicit MMA kernel, and the largest K it takes.
+constexpr int64_t kMaxImplicitWords = 2048;
+inline int64_t implicit_smem_bytes(int64_t kwords_padded) { return 12 * kwords_padded; }
+
 // Block (m tile, group x co tile); warp (wm, wn) computes rows wm*32 .. +32, columns wn*32 .. +32
 // as 2 x 4 m16n8 tiles. Fragment layout of m16n8k256 .b1 (PTX ISA): lane = 4 * gid + tig;
 // A regs {row gid word tig, row gid+8 word tig, row gid word tig+4, row gid+8 word tig+4},
 // B regs {col gid word tig, col gid word tig+4}, D regs {(gid, 2tig), (gid, 2tig+1),
 // (gid+8, 2tig), (gid+8, 2tig+1)}. Each D entry is a sum over the 8 words of
 // popc(A word & B word), whatever the bit order inside a word, since A and B share it.
-template <typename scalar_t>
+//
+// kImplicit: A is never materialised; its tile is read straight from the pixel words
+// (pack_pixels_kernel, C_in/groups a multiple of 32) through a per-K-word table of tap offsets
+// in dynamic shared memory (implicit_smem_bytes), which saves writing and re-reading the
+// im2col matrix. Otherwise A is the (groups, M, kwords_padded) matrix of the packers.
+template <typename scalar_t, bool kImplicit>
 __global__ void __launch_bounds__(kMmaThreads)
-binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
+binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ pixels,
+                       int64_t cwords, const uint32_t* __restrict__ b,
                        const int32_t* __restrict__ wcount, const ConvGeometry g, int64_t rows,
                        int64_t kwords_padded, int64_t co_tiles,
                        const Epilogue<scalar_t> epilogue) {
+  SPARKS_DYNAMIC_SHARED(smem);  // kImplicit: K-word tables dy, dx, cw (int32 each)
+  __shared__ int32_t ih0_s[kTileM], iw0_s[kTileM];
+  __shared__ int64_t image_s[kTileM];  // n * groups + grp: the row's pixel plane
   __shared__ __align__(16) uint32_t as[2][kTileM][kRowWords];
   __shared__ __align__(16) uint32_t bs[2][kTileN][kRowWords];
   __shared__ int32_t a_popc_s[kTileM];
@@ -226,8 +239,23 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
     const int64_t m = m0 + r < rows ? m0 + r : 0;
     const int64_t n = m / out_hw, pos = m % out_hw;
     const int64_t oh = pos / g.out_w, ow = pos % g.out_w;
-    valid_s[r] = valid_word<uint64_t>(g, oh * g.stride_h - g.pad_h, ow * g.stride_w - g.pad_w);
+    ih0_s[r] = static_cast<int32_t>(oh * g.stride_h - g.pad_h);
+    iw0_s[r] = static_cast<int32_t>(ow * g.stride_w - g.pad_w);
+    image_s[r] = n * g.groups + grp;
+    valid_s[r] = valid_word<uint64_t>(g, ih0_s[r], iw0_s[r]);
     offset_s[r] = epilogue.offset(n, oh, ow);
+  }
+  int32_t* dy_s = reinterpret_cast<int32_t*>(smem);
+  int32_t* dx_s = dy_s + kwords_padded;
+  int32_t* cw_s = dx_s + kwords_padded;
+  if constexpr (kImplicit) {
+    for (int64_t w = tid; w < kwords_padded; w += kMmaThreads) {
+      const int64_t t = w / cwords;
+      const bool real = t < taps;  // else K padding
+      dy_s[w] = real ? static_cast<int32_t>((t / g.kernel_w) * g.dil_h) : 0;
+      dx_s[w] = real ? static_cast<int32_t>((t % g.kernel_w) * g.dil_w) : 0;
+      cw_s[w] = real ? static_cast<int32_t>(w % cwords) : -1;
+    }
   }
   for (int c = tid; c < kTileN; c += kMmaThreads) {
     const int64_t co = co0 + c;
@@ -241,8 +269,9 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
   const int ld_row = tid / 2, ld_half = tid % 2;
   const int64_t a_m = m0 + ld_row, b_co = co0 + ld_row;
   const uint4* a_src =
-      a_m < rows ? reinterpret_cast<const uint4*>(a + (grp * rows + a_m) * kwords_padded) + ld_half
-                 : nullptr;
+      !kImplicit && a_m < rows
+          ? reinterpret_cast<const uint4*>(a + (grp * rows + a_m) * kwords_padded) + ld_half
+          : nullptr;
   const uint4* b_src =
       b_co < cout_g
           ? reinterpret_cast<const uint4*>(b + (grp * cout_g + b_co) * kwords_padded) + ld_half
@@ -250,6 +279,28 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int64_t steps = kwords_padded / kStepWords;
   int32_t a_count = 0;  // popc of this thread's pieces of its A row
+  const uint32_t pad_word = g.pad_value > 0 ? 0xFFFFFFFFu : 0u;  // all 32 channels are real
+  // This thread's 16-byte piece of A for K step s.
+  auto load_a = [&](int64_t s) -> uint4 {
+    if constexpr (!kImplicit) {
+      return a_src ? a_src[s * 2] : zero;
+    } else {
+      if (a_m >= rows) return zero;
+      uint32_t v[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t w = s * kStepWords + ld_half * 4 + q;
+        const int32_t cw = cw_s[w];
+        const int64_t ih = ih0_s[ld_row] + dy_s[w], iw = iw0_s[ld_row] + dx_s[w];
+        v[q] = cw < 0 ? 0u
+               : (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
+                   ? pixels[((image_s[ld_row] * g.in_h + ih) * g.in_w + iw) * cwords + cw]
+                   : pad_word;
+      }
+      return make_uint4(v[0], v[1], v[2], v[3]);
+    }
+  };
+  __syncthreads();  // row data and K tables
 
   int32_t acc[2][4][4];
 #pragma unroll
@@ -263,7 +314,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
 
   if (steps > 0) {
-    const uint4 a_first = a_src ? a_src[0] : zero;
+    const uint4 a_first = load_a(0);
     a_count += popc(a_first.x) + popc(a_first.y) + popc(a_first.z) + popc(a_first.w);
     *reinterpret_cast<uint4*>(&as[0][ld_row][ld_half * 4]) = a_first;
     *reinterpret_cast<uint4*>(&bs[0][ld_row][ld_half * 4]) = b_src ? b_src[0] : zero;
@@ -275,7 +326,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
     const int buf = static_cast<int>(s & 1);
     uint4 a_next = zero, b_next = zero;
     if (s + 1 < steps) {
-      if (a_src) a_next = a_src[(s + 1) * 2];
+      a_next = load_a(s + 1);
       if (b_src) b_next = b_src[(s + 1) * 2];
     }
     uint32_t af[2][4], bf[4][2];

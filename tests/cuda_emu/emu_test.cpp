@@ -193,12 +193,13 @@ void run_dense(const Problem& p, int case_id) {
                                              wcount.data());
                 });
     std::vector<uint32_t> a(g.groups * rows * kwp, 0xDEADBEEF);
+    std::vector<uint32_t> pixels;
     emu::launch(Dim3{grid_for(g.groups * rows, kDenseThreads)}, kDenseThreads, 0, [&] {
       pack_input_bits_kernel<float>(p.view(), g, rows, kwp, a.data());
     });
     if (cin_g % 32 == 0) {
       const int64_t cwords = cin_g / 32;
-      std::vector<uint32_t> pixels(g.batch * g.groups * g.in_h * g.in_w * cwords);
+      pixels.assign(g.batch * g.groups * g.in_h * g.in_w * cwords, 0);
       const bool contiguous_channels = p.channels_last;
       emu::launch(Dim3{grid_for((contiguous_channels ? 32 : 1) * static_cast<int64_t>(pixels.size()),
                                 kDenseThreads)},
@@ -214,25 +215,34 @@ void run_dense(const Problem& p, int case_id) {
         ++failures;
       }
     }
-    for (const bool with_epilogue : {false, true}) {
+    for (const int variant : {0, 1, 2, 3}) {  // (epilogue?, implicit A?)
+      const bool with_epilogue = variant % 2 == 1, implicit = variant >= 2;
+      if (implicit && !(mma && cin_g % 32 == 0 && kwp <= kMaxImplicitWords)) continue;
       std::vector<float> out;
       const Epilogue<float> e = epilogue(p, out, with_epilogue ? scale.data() : nullptr,
                                          with_epilogue ? bias.data() : nullptr);
       if (mma) {
         const int64_t co_tiles = (cout_g + kTileN - 1) / kTileN;
-        emu::launch(Dim3{static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
-                         static_cast<unsigned int>(g.groups * co_tiles)},
-                    kMmaThreads, 0, [&] {
-                      binary_gemm_mma_kernel<float>(a.data(), b.data(), wcount.data(), g, rows, kwp,
-                                                    co_tiles, e);
-                    });
+        const Dim3 grid{static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
+                        static_cast<unsigned int>(g.groups * co_tiles)};
+        if (implicit)
+          emu::launch(grid, kMmaThreads, implicit_smem_bytes(kwp), [&] {
+            binary_gemm_mma_kernel<float, true>(nullptr, pixels.data(), cin_g / 32, b.data(),
+                                                wcount.data(), g, rows, kwp, co_tiles, e);
+          });
+        else
+          emu::launch(grid, kMmaThreads, 0, [&] {
+            binary_gemm_mma_kernel<float, false>(a.data(), nullptr, 0, b.data(), wcount.data(), g,
+                                                 rows, kwp, co_tiles, e);
+          });
       } else {
         emu::launch(Dim3{grid_for(g.groups * rows * cout_g, kDenseThreads)}, kDenseThreads, 0, [&] {
           binary_gemm_popc_kernel<float>(a.data(), b.data(), wcount.data(), g, rows, kwp, e);
         });
       }
       if (!with_epilogue) {
-        expect_equal(out, want, mma ? "dense mma" : "dense popc", case_id);
+        expect_equal(out, want, implicit ? "dense mma implicit" : mma ? "dense mma" : "dense popc",
+                     case_id);
       } else {
         std::vector<int32_t> dummy;
         const int64_t hw = g.out_h * g.out_w;
