@@ -78,7 +78,8 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
                            const Epilogue<scalar_t> epilogue) {
   SPARKS_DYNAMIC_SHARED(smem);
   // Carved in this order so that every array stays aligned: the response block is a multiple of
-  // 64 bytes long, the word arrays come before the int array.
+  // 64 bytes long, the word arrays (8-byte multiples together) come before the int64 offsets,
+  // those before the int32 arrays.
   uint8_t* resp = smem;
   word_t* patch = reinterpret_cast<word_t*>(resp + int64_t{chunk} * n_cw * kPos);
   word_t* valid = patch + chunk * kPos;
