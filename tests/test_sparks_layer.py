@@ -24,6 +24,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 GEOMETRIES = [
     dict(in_channels=8, out_channels=12, padding=1),
     dict(in_channels=6, out_channels=9, stride=2, padding=(1, 0), dilation=(1, 2)),
