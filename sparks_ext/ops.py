@@ -111,7 +111,7 @@ def _output_like(input, out_channels, kh, kw, stride, padding, dilation):
     channels_last = (not input.is_contiguous()
                      and input.is_contiguous(memory_format=torch.channels_last))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return input.new_empty(shape, memory_format=fmt)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
 @torch.library.register_fake("sparks::conv2d")
