@@ -27,6 +27,7 @@ form give the same table. The result is data (:class:`Summary`); ``print`` it fo
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -196,73 +197,91 @@ def _pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _layer_work(module: nn.Module, output: torch.Tensor) -> tuple[float, float]:
-    """(BOPs, FLOPs) of one call on one sample."""
+def _layer_work(module: nn.Module, shape: torch.Size) -> tuple[float, float]:
+    """(BOPs, FLOPs) of one call on one sample, from the output shape."""
     if is_binary_layer(module):
         kh, kw = _pair(module.kernel_size)
         return binary_conv_bops(module.in_channels, module.out_channels, kh, kw,
-                                output.shape[-2], output.shape[-1], module.n_codewords,
-                                module.groups), 0.0
+                                shape[-2], shape[-1], module.n_codewords, module.groups), 0.0
+    per_sample = math.prod(shape[1:])
     if isinstance(module, nn.modules.conv._ConvNd):
-        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-        return 0.0, float(output[0].numel() * per_output)
+        return 0.0, float(per_sample * (module.in_channels // module.groups) * math.prod(module.kernel_size))
     if isinstance(module, nn.Linear):
-        return 0.0, float(output[0].numel() * module.in_features)
+        return 0.0, float(per_sample * module.in_features)
     return 0.0, 0.0
+
+
+def _traced_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that get a row: binary layers (as a whole) and every other leaf."""
+    inside_binary = set()
+    for module in model.modules():
+        if is_binary_layer(module):
+            inside_binary.update(id(m) for m in module.modules() if m is not module)
+    return {name: m for name, m in model.named_modules()
+            if id(m) not in inside_binary and (is_binary_layer(m) or next(m.children(), None) is None)}
+
+
+def _trace(model: nn.Module, size: tuple, device, dtype) -> list[tuple[str, torch.Size]]:
+    """(module name, output shape) of every call of a traced module, in call order, from one
+    forward pass of ``model`` in eval mode."""
+    calls, handles = [], []
+    for name, module in _traced_modules(model).items():
+        def hook(module, args, output, name=name):
+            if isinstance(output, torch.Tensor):
+                calls.append((name, output.shape))
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(size, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
 
 
 def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = None) -> Summary:
     """Per-layer table of ``model`` for an input of ``input_size`` ((C, H, W) or (N, C, H, W);
     counts are per sample). Rows are the binary layers and every other leaf module that the
     forward pass calls, in call order. ``print`` the result for the table; its fields and
-    :meth:`Summary.totals` give the numbers."""
+    :meth:`Summary.totals` give the numbers.
+
+    Output shapes come from one forward pass on a copy of the model on the ``meta`` device
+    (shapes only, no arithmetic, so a ResNet-18 at 224 costs nothing); a model that cannot run
+    on ``meta`` (data-dependent Python code) runs once for real on a batch of one.
+    """
     size = tuple(int(s) for s in input_size)
     if len(size) < 1 or any(s <= 0 for s in size):
         raise ValueError(f"input_size must be a shape of positive sizes, got {tuple(input_size)}")
     if len(size) == 3:
         size = (1,) + size
     size = (1,) + size[1:]
-    result = Summary(name or type(model).__name__, size[1:])
-    rows: dict[int, LayerSummary] = {}
-    handles, inside_binary = [], set()
-    for module in model.modules():
-        if is_binary_layer(module):
-            inside_binary.update(id(m) for m in module.modules() if m is not module)
-    qualified = {id(m): n or type(model).__name__ for n, m in model.named_modules()}
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    try:
+        calls = _trace(copy.deepcopy(model).to("meta"), size, "meta", dtype)
+    except (NotImplementedError, RuntimeError):
+        calls = _trace(model, size, first.device if first is not None else "cpu", dtype)
 
-    def hook(module, args, output):
-        if not isinstance(output, torch.Tensor):
-            return
-        row = rows.get(id(module))
+    modules = _traced_modules(model)
+    result = Summary(name or type(model).__name__, size[1:])
+    rows: dict[str, LayerSummary] = {}
+    for module_name, shape in calls:
+        module = modules[module_name]
+        row = rows.get(module_name)
         if row is None:
-            row = LayerSummary(qualified[id(module)], type(module).__name__, tuple(output.shape[1:]))
+            row = LayerSummary(module_name or type(model).__name__, type(module).__name__, tuple(shape[1:]))
             if is_binary_layer(module):
                 _binary_row(module, row)
             else:
                 for t in _real_tensors(module):
                     row.real_params += t.numel()
                     row.memory_bits += 8 * t.numel() * t.element_size()
-            rows[id(module)] = row
+            rows[module_name] = row
             result.rows.append(row)
-        bops, flops = _layer_work(module, output)
+        bops, flops = _layer_work(module, shape)
         row.bops += bops
         row.flops += flops
-
-    for module in model.modules():
-        leaf = next(module.children(), None) is None
-        if id(module) not in inside_binary and (is_binary_layer(module) or leaf):
-            handles.append(module.register_forward_hook(hook))
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            x = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     return result

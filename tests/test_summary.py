@@ -104,3 +104,16 @@ def test_bad_input_size():
         sparks_ext.summary(_model(), (1, 0, 8))
     with pytest.raises(ValueError, match="input_size"):
         sparks_ext.summary(_model(), ())
+
+
+def test_data_dependent_model_runs_for_real():
+    class Gate(nn.Module):  # Python control flow on values: cannot run on the meta device
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.abs().sum().item() >= 0 else x
+
+    s = sparks_ext.summary(Gate(), (2, 5, 5))
+    assert [(r.name, r.output_shape, r.flops) for r in s.rows] == [("conv", (3, 3, 3), 3 * 9 * 2 * 9)]
