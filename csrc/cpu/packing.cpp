@@ -1,7 +1,15 @@
 #include "packing.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SPARKS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
 
 namespace sparks {
 namespace cpu {
@@ -103,6 +111,199 @@ void valid_row(const ConvGeometry& g, int64_t oh, uint64_t* valid) {
       }
     }
     valid[ow] = word;
+  }
+}
+
+}  // namespace cpu
+}  // namespace sparks
+
+// ---------------------------------------------------------------------------------------------
+// Channel-packed layout (fast kernels).
+
+namespace sparks {
+namespace cpu {
+namespace {
+
+inline uint64_t pack_bytes_portable(const uint8_t* b, int64_t count) {
+  uint64_t word = 0;
+  for (int64_t i = 0; i < count; ++i) word |= uint64_t{b[i] != 0} << i;
+  return word;
+}
+
+#if defined(__x86_64__)
+SPARKS_AVX512 inline uint64_t pack_bytes_avx512(const uint8_t* b, int64_t count) {
+  const __mmask64 m = count >= 64 ? ~__mmask64{0} : ((__mmask64{1} << count) - 1);
+  const __m512i v = _mm512_maskz_loadu_epi8(m, b);
+  return _mm512_test_epi8_mask(v, v);
+}
+
+// Sign bits of `count` <= 64 channels-contiguous floats, straight from float32.
+SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count) {
+  uint64_t word = 0;
+  for (int64_t c = 0; c < count; c += 16) {
+    const int64_t left = std::min<int64_t>(16, count - c);
+    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 ge = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + c),
+                                                 _mm512_setzero_ps(), _CMP_GE_OQ);
+    word |= uint64_t{ge} << c;
+  }
+  return word;
+}
+#endif
+
+// Packs `cin_g` channels of one pixel (bytes or float32, channels contiguous) into `words` words.
+void pack_pixel(const uint8_t* bytes, const float* floats, int64_t cin_g, int64_t words,
+                Isa isa, uint64_t* out) {
+  for (int64_t k = 0; k < words; ++k) {
+    const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
+#if defined(__x86_64__)
+    if (isa == Isa::kAvx512) {
+      out[k] = floats ? pack_floats_avx512(floats + 64 * k, count)
+                      : pack_bytes_avx512(bytes + 64 * k, count);
+      continue;
+    }
+#endif
+    (void)floats;
+    out[k] = pack_bytes_portable(bytes + 64 * k, count);
+  }
+}
+
+}  // namespace
+
+PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa) {
+  PackedPixels px;
+  px.groups = g.groups;
+  px.hp = g.in_h + 2 * g.pad_h;
+  px.wp = g.in_w + 2 * g.pad_w;
+  const int64_t cin_g = g.in_per_group();
+  px.words = (cin_g + 63) / 64;
+  px.storage = at::empty({g.batch, g.groups, px.hp, px.wp, px.words}, input.options().dtype(at::kLong));
+
+  // float32 channels_last input is read directly (one compare per 16 channels); anything else
+  // is binarized by ATen into channels-last bytes first.
+  const bool direct = isa == Isa::kAvx512 && input.scalar_type() == at::kFloat &&
+                      input.stride(1) == 1;
+  const at::Tensor src = direct ? input : at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t s_n = src.stride(0), s_c = src.stride(1), s_h = src.stride(2), s_w = src.stride(3);
+  TORCH_INTERNAL_ASSERT(s_c == 1 || g.in_channels == 1);
+  const float* fsrc = direct ? input.data_ptr<float>() : nullptr;
+  const uint8_t* bsrc = direct ? nullptr : reinterpret_cast<const uint8_t*>(src.data_ptr<bool>());
+
+  // The pad pixel: all valid channel bits set for pad_value = +1, else 0.
+  std::vector<uint64_t> pad(px.words, 0);
+  if (g.pad_value > 0)
+    for (int64_t k = 0; k < px.words; ++k) pad[k] = low_bits(std::min<int64_t>(64, cin_g - 64 * k));
+
+  uint64_t* dst = reinterpret_cast<uint64_t*>(px.storage.data_ptr<int64_t>());
+  at::parallel_for(0, g.batch * px.hp, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / px.hp, h = row % px.hp, ih = h - g.pad_h;
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        uint64_t* out = dst + (((n * g.groups + grp) * px.hp + h) * px.wp) * px.words;
+        for (int64_t w = 0; w < px.wp; ++w, out += px.words) {
+          const int64_t iw = w - g.pad_w;
+          if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) {
+            std::copy(pad.begin(), pad.end(), out);
+            continue;
+          }
+          const int64_t offset = n * s_n + ih * s_h + iw * s_w + grp * cin_g * s_c;
+          pack_pixel(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, cin_g,
+                     px.words, isa, out);
+        }
+      }
+    }
+  });
+  return px;
+}
+
+uint64_t tap_pixels(const PackedPixels& px, const ConvGeometry& g, int64_t n, int64_t grp,
+                    int64_t oh, int64_t ow, const uint64_t** pixels) {
+  uint64_t valid = 0;
+  int64_t t = 0;
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    const int64_t h = oh * g.stride_h + i * g.dil_h;  // padded coordinates
+    const bool row_inside = h >= g.pad_h && h < g.pad_h + g.in_h;
+    for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
+      const int64_t w = ow * g.stride_w + j * g.dil_w;
+      pixels[t] = px.pixel(n, grp, h, w);
+      if (g.pad_value != 0 || (row_inside && w >= g.pad_w && w < g.pad_w + g.in_w))
+        valid |= uint64_t{1} << t;
+    }
+  }
+  return valid;
+}
+
+at::Tensor pack_weight_channels(const at::Tensor& weight, Isa isa) {
+  const int64_t cout = weight.size(0), cin = weight.size(1);
+  const int64_t taps = weight.size(2) * weight.size(3), words = (cin + 63) / 64;
+  at::Tensor bits;
+  if (weight.scalar_type() == at::kBool) {
+    bits = weight;
+  } else {
+    const at::Tensor bad = at::logical_and(weight != 1, weight != -1);
+    if (bad.any().item<bool>()) {
+      const at::Tensor where = bad.nonzero()[0];
+      const auto at_ = [&](int i) { return where[i].item<int64_t>(); };
+      TORCH_CHECK_VALUE(false, "weight entries must be -1 or +1 (or bool), got ",
+                        weight[at_(0)][at_(1)][at_(2)][at_(3)].item<double>(),
+                        " at weight[", at_(0), ", ", at_(1), ", ", at_(2), ", ", at_(3), "]");
+    }
+    bits = weight > 0;
+  }
+  // (C_out, kh, kw, C_in/groups) bytes, then one word per 64 channels.
+  const at::Tensor rows = bits.permute({0, 2, 3, 1}).contiguous();
+  const uint8_t* b = reinterpret_cast<const uint8_t*>(rows.data_ptr<bool>());
+  at::Tensor packed = at::empty({cout, taps, words}, weight.options().dtype(at::kLong));
+  uint64_t* out = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
+  at::parallel_for(0, cout * taps, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) pack_pixel(b + r * cin, nullptr, cin, words, isa, out + r * words);
+  });
+  return packed;
+}
+
+void check_index_range(const at::Tensor& indices, int64_t n) {
+  if (indices.numel() == 0) return;
+  const auto minmax = at::aminmax(indices);
+  const int64_t lo = std::get<0>(minmax).item<int64_t>();
+  const int64_t hi = std::get<1>(minmax).item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi < n, "indices must lie in [0, n) = [0, ", n,
+                    "), got values in [", lo, ", ", hi, "]");
+}
+
+TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, const ConvGeometry& g)
+    : output_(output),
+      scale_(scale.has_value() ? scale->contiguous() : at::Tensor()),
+      bias_(bias.has_value() ? bias->contiguous() : at::Tensor()),
+      out_w_(g.out_w) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "sparks_store",
+                                  [&] { store_ = &TileWriter::store_impl<scalar_t>; });
+}
+
+void TileWriter::store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows,
+                       int64_t co0, int64_t cols) const {
+  store_(*this, tile, ld, n, p0, rows, co0, cols);
+}
+
+template <typename scalar_t>
+void TileWriter::store_impl(const TileWriter& w, const int32_t* tile, int64_t ld, int64_t n,
+                            int64_t p0, int64_t rows, int64_t co0, int64_t cols) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const at::Tensor& o = w.output_;
+  scalar_t* out = o.data_ptr<scalar_t>() + n * o.stride(0) + co0 * o.stride(1);
+  const int64_t s_c = o.stride(1), s_h = o.stride(2), s_w = o.stride(3);
+  const scalar_t* scale = w.scale_.defined() ? w.scale_.data_ptr<scalar_t>() + co0 : nullptr;
+  const scalar_t* bias = w.bias_.defined() ? w.bias_.data_ptr<scalar_t>() + co0 : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = p0 + r;
+    scalar_t* dst = out + (p / w.out_w_) * s_h + (p % w.out_w_) * s_w;
+    const int32_t* src = tile + r * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      opmath_t v = static_cast<opmath_t>(src[c]);
+      if (scale) v = v * static_cast<opmath_t>(scale[c]);
+      if (bias) v = v + static_cast<opmath_t>(bias[c]);
+      dst[c * s_c] = static_cast<scalar_t>(v);
+    }
   }
 }
 
