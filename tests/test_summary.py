@@ -1,4 +1,6 @@
 """summary: per-layer shapes, parameter counts by precision, memory, BOPs / FLOPs / OPs."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,45 @@ def test_data_dependent_model_runs_for_real():
 
     s = sparks_ext.summary(Gate(), (2, 5, 5))
     assert [(r.name, r.output_shape, r.flops) for r in s.rows] == [("conv", (3, 3, 3), 3 * 9 * 2 * 9)]
+
+
+# --- The binary ResNet-18 of sparks_ext.models: the published BOPs ---------------------------
+
+from sparks_ext.models import SmallCNN, resnet18  # noqa: E402
+
+
+@pytest.mark.parametrize("kw,bops", [(dict(conv="binary"), 1.676e9),
+                                     (dict(conv="sparks", n_codewords=64), 0.884e9),
+                                     (dict(conv="sparks", n_codewords=32), 0.501e9),
+                                     (dict(conv="sparks", n_codewords=16), 0.297e9)],
+                         ids=["1-bit", "n64", "n32", "n16"])
+def test_resnet18_reproduces_the_published_bops(kw, bops):
+    s = sparks_ext.summary(resnet18(**kw), (3, 224, 224))
+    assert round(s.bops / 1e9, 3) == pytest.approx(bops / 1e9)
+    binary = [r for r in s.rows if r.binary_weights]
+    assert len(binary) == 16 and s.binary_weights == 10_985_472  # 16 binary 3x3 convs
+    # stem 7x7 conv + three 1x1 downsampling convs + classifier, in MACs (Bi-Real Net: 1.39e8)
+    assert s.flops == 64 * 3 * 49 * 112 * 112 + 3 * 64 * 128 * 28 * 28 + 512 * 1000
+    assert s.ops == pytest.approx(s.bops / 64 + s.flops)
+    assert s.rows[-1].output_shape == (1000,)
+    n = kw.get("n_codewords")
+    bits = 1.0 if n is None else math.log2(n) / 9
+    assert all(r.bits_per_weight == pytest.approx(bits) for r in binary)
+
+
+def test_float_resnet18_has_no_bops():
+    s = sparks_ext.summary(resnet18(conv="float"), (3, 224, 224))
+    assert s.bops == 0 and s.binary_weights == 0
+    assert s.flops == pytest.approx(1.814e9, rel=1e-3)  # the usual ResNet-18 MACs
+    assert s.compression_ratio == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("conv", ["sparks", "binary"])
+def test_trained_and_converted_models_have_the_same_summary(conv):
+    torch.manual_seed(0)
+    model = SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None)
+    trained = sparks_ext.summary(model, (1, 8, 8))
+    converted = sparks_ext.summary(sparks_ext.convert(model), (1, 8, 8))
+    assert trained.totals() == converted.totals()
+    assert [(r.name, r.output_shape, r.bops) for r in trained.rows] == \
+        [(r.name, r.output_shape, r.bops) for r in converted.rows]
