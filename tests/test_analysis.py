@@ -86,3 +86,25 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         analysis.plot_rank_frequency({"a": torch.ones(512, dtype=torch.long)})
+
+
+def test_histograms_of_the_library_models():
+    from test_convert import trained_small_cnn
+
+    import sparks_ext
+    sparks = trained_small_cnn("sparks", steps=1)
+    hists = analysis.codeword_histogram(sparks)
+    layers = [m for m in sparks.modules() if isinstance(m, sparks_ext.nn.SparksConv2d)]
+    assert len(hists) == 4
+    for (name, hist), layer in zip(hists.items(), layers):
+        assert (hist > 0).sum() <= 32 and hist.sum() == layer.out_channels * layer.in_channels
+        expected = torch.bincount(_ids(layer.codebook()[layer.indices()]).reshape(-1), minlength=512)
+        assert torch.equal(hist, expected)
+    binary = trained_small_cnn("binary", steps=1)
+    trained = analysis.codeword_histogram(binary)
+    converted = analysis.codeword_histogram(sparks_ext.convert(binary))  # XnorConv2d: bool weights
+    assert list(trained) == list(converted)
+    for name, layer in binary.named_modules():
+        if isinstance(layer, sparks_ext.nn.BinaryConv2d):
+            expected = torch.bincount(_ids(layer.weight.detach()).reshape(-1), minlength=512)
+            assert torch.equal(trained[name], expected) and torch.equal(converted[name], expected)

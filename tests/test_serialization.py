@@ -282,3 +282,30 @@ def test_cuda_model_round_trip(tmp_path):
     _assert_same_state(model, loaded)
     x = torch.randn(2, 1, 8, 8, device="cuda")
     assert torch.equal(loaded(x), model(x))
+
+
+# --- The library's models -----------------------------------------------------------------------
+
+from sparks_ext.models import SmallCNN  # noqa: E402
+from test_convert import trained_small_cnn  # noqa: E402
+
+
+@pytest.mark.parametrize("conv", ["sparks", "binary"])
+def test_trained_model_round_trip_into_its_architecture(tmp_path, conv):
+    model = trained_small_cnn(conv)
+    path = tmp_path / "m.spk"
+    sparks_ext.save(model, path)  # converts a copy first
+    assert any(isinstance(m, (sparks_ext.nn.SparksConv2d, sparks_ext.nn.BinaryConv2d)) for m in model.modules())
+    encodings = {e[1] for e in serialization.read_header(path)["tensors"]}
+    assert ({"index", "pm1"} if conv == "sparks" else {"bits"}) <= encodings
+    loaded = sparks_ext.load(path, SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None,
+                                            width=16)).eval()
+    converted = sparks_ext.convert(model)
+    _assert_same_state(converted, loaded)
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
+    with pytest.raises(ValueError, match="pass model="):
+        sparks_ext.load(path)  # SmallCNN's forward is code: the file cannot rebuild it
+    with pytest.raises(ValueError, match="does not match the model"):
+        sparks_ext.load(path, SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None, width=8))
