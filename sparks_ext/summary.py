@@ -59,7 +59,7 @@ class LayerSummary:
     """One row: what a layer stores and computes for one sample."""
     name: str
     type: str
-    output_shape: tuple
+    output_shape: Optional[tuple]  # None: never called by the forward pass
     binary_weights: int = 0
     bits_per_weight: Optional[float] = None
     n_codewords: Optional[int] = None
@@ -124,7 +124,7 @@ class Summary:
                   "Memory", "BOPs", "FLOPs")
         lines = [header]
         for r in self.rows:
-            lines.append((r.name, r.type, "x".join(map(str, r.output_shape)),
+            lines.append((r.name, r.type, "-" if r.output_shape is None else "x".join(map(str, r.output_shape)),
                           _count(r.binary_weights), _count(r.real_params),
                           "" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
                           _bytes(r.memory_bytes), _count(r.bops), _count(r.flops)))
@@ -197,6 +197,17 @@ def _pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _new_row(name: str, module: nn.Module, output_shape: Optional[tuple]) -> LayerSummary:
+    row = LayerSummary(name, type(module).__name__, output_shape)
+    if is_binary_layer(module):
+        _binary_row(module, row)
+    else:
+        for t in _real_tensors(module):
+            row.real_params += t.numel()
+            row.memory_bits += 8 * t.numel() * t.element_size()
+    return row
+
+
 def _layer_work(module: nn.Module, shape: torch.Size) -> tuple[float, float]:
     """(BOPs, FLOPs) of one call on one sample, from the output shape."""
     if is_binary_layer(module):
@@ -212,13 +223,15 @@ def _layer_work(module: nn.Module, shape: torch.Size) -> tuple[float, float]:
 
 
 def _traced_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules that get a row: binary layers (as a whole) and every other leaf."""
+    """The modules that get a row: binary layers (as a whole), every other leaf, and any module
+    owning real tensors itself (ReActNet's RSign keeps its threshold beside a child)."""
     inside_binary = set()
     for module in model.modules():
         if is_binary_layer(module):
             inside_binary.update(id(m) for m in module.modules() if m is not module)
     return {name: m for name, m in model.named_modules()
-            if id(m) not in inside_binary and (is_binary_layer(m) or next(m.children(), None) is None)}
+            if id(m) not in inside_binary and (is_binary_layer(m) or next(m.children(), None) is None
+                                               or next(_real_tensors(m), None) is not None)}
 
 
 def _trace(model: nn.Module, size: tuple, device, dtype) -> list[tuple[str, torch.Size]]:
@@ -266,22 +279,27 @@ def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = N
         calls = _trace(model, size, first.device if first is not None else "cpu", dtype)
 
     modules = _traced_modules(model)
-    result = Summary(name or type(model).__name__, size[1:])
     rows: dict[str, LayerSummary] = {}
     for module_name, shape in calls:
-        module = modules[module_name]
         row = rows.get(module_name)
         if row is None:
-            row = LayerSummary(module_name or type(model).__name__, type(module).__name__, tuple(shape[1:]))
-            if is_binary_layer(module):
-                _binary_row(module, row)
-            else:
-                for t in _real_tensors(module):
-                    row.real_params += t.numel()
-                    row.memory_bits += 8 * t.numel() * t.element_size()
-            rows[module_name] = row
-            result.rows.append(row)
-        bops, flops = _layer_work(module, shape)
+            row = rows[module_name] = _new_row(module_name or type(model).__name__,
+                                               modules[module_name], tuple(shape[1:]))
+        bops, flops = _layer_work(modules[module_name], shape)
         row.bops += bops
         row.flops += flops
+    # Tensors of modules the forward pass never calls (a layer whose parameter another module
+    # reads directly) are still stored: they get a row without output shape, after the row of
+    # the module before them.
+    ordered = list(rows.values())  # first-call order
+    previous = None
+    for module_name, module in modules.items():
+        if module_name in rows:
+            previous = rows[module_name]
+        elif is_binary_layer(module) or next(_real_tensors(module), None) is not None:
+            row = rows[module_name] = _new_row(module_name, module, None)
+            ordered.insert(ordered.index(previous) + 1 if previous is not None else 0, row)
+            previous = row
+    result = Summary(name or type(model).__name__, size[1:])
+    result.rows = ordered
     return result

@@ -7,7 +7,7 @@ from torch import nn
 
 import sparks_ext
 from sparks_ext.nn import CodebookConv2d
-from sparks_ext.summary import LayerSummary, Summary, binary_conv_bops
+from sparks_ext.summary import LayerSummary, Summary, binary_conv_bops, is_binary_layer
 
 
 def _published_bops(c_in, c_out, k, h, w, n=None):
@@ -161,3 +161,24 @@ def test_trained_and_converted_models_have_the_same_summary(conv):
     assert trained.totals() == converted.totals()
     assert [(r.name, r.output_shape, r.bops) for r in trained.rows] == \
         [(r.name, r.output_shape, r.bops) for r in converted.rows]
+
+
+def test_every_stored_tensor_is_counted():
+    """RSign keeps its threshold beside a child module, RPReLU reads shift_in's bias without
+    calling it: both are stored, so both are counted."""
+    model = SmallCNN(conv="sparks", n_codewords=32)
+    s = sparks_ext.summary(model, (1, 8, 8))
+    names = [r.name for r in s.rows]
+    assert "layers.0.binarize1" in names and "layers.0.act1.shift_in" in names
+    assert names.index("layers.0.act1.shift_in") == names.index("layers.0.bn1") + 1  # module order
+    shift_in = s.rows[names.index("layers.0.act1.shift_in")]
+    assert shift_in.output_shape is None and shift_in.real_params == 32
+    # every floating tensor except the latent weights and selection state of the trainable
+    # binary layers (not deployed: replaced by bits, indices and one scale per channel)
+    binary = [m for m in model.modules() if is_binary_layer(m)]
+    inside = {id(t) for m in binary for t in list(m.parameters()) + list(m.buffers())}
+    real = sum(t.numel() for t in list(model.parameters()) + list(model.buffers())
+               if t.is_floating_point() and id(t) not in inside)
+    assert s.real_params == real + sum(m.out_channels for m in binary)
+    line = next(x for x in str(s).splitlines() if x.startswith("layers.0.act1.shift_in "))
+    assert line.split()[1:3] == ["LearnableBias", "-"]
