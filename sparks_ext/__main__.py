@@ -206,10 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32")
     p.set_defaults(func=summary_command)
-    p = sub.add_parser("bench", help="the layer benchmark report (benchmarks/report.py)")
-    p.add_argument("report_args", nargs=argparse.REMAINDER, help="passed on to benchmarks/report.py")
+    p = sub.add_parser("bench", help="the layer benchmark report (benchmarks/report.py); "
+                                     "further arguments go to the report")
     p.set_defaults(func=bench)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.report_args = rest
     return args.func(args)
 
 

@@ -1,0 +1,62 @@
+"""python -m sparks_ext demo | summary | bench."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+import sparks_ext
+from sparks_ext import __main__ as cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "digits.spk"
+    result = subprocess.run(
+        [sys.executable, "-m", "sparks_ext", "demo", "--epochs", "2", "--width", "16", "--quiet",
+         "--latency-batch", "32", "--latency-repeats", "3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    accuracy = float(re.search(r"test accuracy: ([\d.]+)%", text).group(1))
+    assert accuracy > 30  # two epochs already learn digits; ten classes give 10% by chance
+    assert "-> OK" in text and "reloaded outputs identical" in text
+    assert "bits per binary weight: 0.556 for the indices" in text
+    size = int(re.search(r"digits.spk: ([\d,]+) bytes", text).group(1).replace(",", ""))
+    assert size == out.stat().st_size
+    loaded = sparks_ext.load(out, sparks_ext.models.SmallCNN(conv="sparks", n_codewords=32, width=16))
+    assert sum(isinstance(m, sparks_ext.nn.CodebookConv2d) for m in loaded.modules()) == 4
+    assert "CodebookConv2d" in text and "OPs = BOPs/64 + FLOPs" in text
+    assert re.search(r"latency, batch 32, median of 3: float SmallCNN [\d.]+ ms, "
+                     r"converted Sparks SmallCNN [\d.]+ ms", text)
+
+
+def test_summary_command(capsys):
+    assert cli.main(["summary", "--show", "n=16"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ResNet-18 (n=16) summary, input (3, 224, 224)")
+    table = {line.split()[0]: line.split() for line in text.splitlines()
+             if line.split() and line.split()[0] in ("1-bit", "n=64", "n=32", "n=16")}
+    assert [table[k][4] for k in ("1-bit", "n=64", "n=32", "n=16")] == \
+        ["1.676e+09", "8.839e+08", "5.014e+08", "2.972e+08"]
+
+
+def test_bench_runs_the_report_script(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    script = ROOT / "benchmarks" / "report.py"
+    code = cli.main(["bench", "--quick"])
+    if script.exists():
+        assert code == 0 and calls == [[sys.executable, str(script), "--quick"]]
+    else:
+        assert code == 2 and calls == [] and "report.py not found" in capsys.readouterr().err
+
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main([])
+    with pytest.raises(SystemExit):
+        cli.main(["summary", "--show", "n=8"])
