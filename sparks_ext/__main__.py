@@ -6,6 +6,8 @@
   latency comparison against the same network with float convolutions.
 - ``summary``: the per-layer table of the binary ResNet-18 at 224x224 and its BOPs for
   1-bit and n = 64 / 32 / 16.
+- ``powerlaw``: trains a 1-bit network on the digits and plots how often each of the 512 binary
+  3x3 kernels occurs per layer (log-log rank/frequency, PNG; needs matplotlib).
 - ``bench``: the layer benchmark report (``benchmarks/report.py`` of a source checkout).
 """
 from __future__ import annotations
@@ -153,6 +155,34 @@ def demo(args) -> int:
     return 0 if ok and exact else 1
 
 
+def powerlaw(args) -> int:
+    from . import analysis
+    from .models import SmallCNN
+
+    torch.manual_seed(args.seed)
+    x_train, y_train, x_test, y_test = _digits(args.seed)
+    model = SmallCNN(conv="binary", width=args.width, image_size=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.train_threads)
+    try:
+        _train(model, x_train, y_train, args.epochs, args.batch_size, args.lr, args.seed, args.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        accuracy = _accuracy(model(x_test), y_test)
+    histograms = analysis.codeword_histogram(model)
+    print(f"1-bit SmallCNN (width {args.width}) on digits: test accuracy {100 * accuracy:.1f}%")
+    print(f"{'layer':<16} {'kernels':>8} {'distinct':>9} {'top-32 share':>13} {'slope':>7}")
+    for name, counts in histograms.items():
+        top = counts.sort(descending=True).values[:32].sum() / counts.sum()
+        print(f"{name:<16} {int(counts.sum()):>8} {int((counts > 0).sum()):>9} {100 * top:>12.1f}% "
+              f"{analysis.power_law_exponent(counts):>7.2f}")
+    analysis.plot_rank_frequency(histograms, args.out,
+                                 title="Binary 3x3 kernels of a 1-bit CNN trained on digits")
+    print(f"saved {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # summary, bench
 
@@ -202,6 +232,16 @@ def main(argv=None) -> int:
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
+    p = sub.add_parser("powerlaw", help="train a 1-bit CNN on digits and plot its kernel rank/frequency")
+    p.add_argument("--out", default="power_law.png")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--train-threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=powerlaw)
     p = sub.add_parser("summary", help="per-layer table and BOPs of the binary ResNet-18")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32")

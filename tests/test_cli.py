@@ -60,3 +60,13 @@ def test_usage_errors(capsys):
         cli.main([])
     with pytest.raises(SystemExit):
         cli.main(["summary", "--show", "n=8"])
+
+
+def test_powerlaw_command(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "power_law.png"
+    assert cli.main(["powerlaw", "--epochs", "1", "--width", "8", "--quiet", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("layers.")]
+    assert [r[0] for r in rows] == ["layers.0.conv1", "layers.0.conv2", "layers.1.conv1", "layers.1.conv2"]
+    assert [int(r[1]) for r in rows] == [64, 64, 128, 256]  # kernels per layer at width 8
