@@ -138,9 +138,11 @@ def demo(args) -> int:
         exact = torch.equal(reloaded(x_test), converted_logits)
     print(f"bits per binary weight: {math.log2(args.n_codewords) / 9:.3f} for the indices, "
           f"{info.binary_bits_per_weight:.3f} with the codebooks")
-    print(f"saved {out}: {size:,} bytes (theoretical {info.memory_bytes:,.0f} + header "
-          f"{header_bytes} + framing; float32 parameters: {info.float32_bytes:,} bytes); "
-          f"reloaded outputs {'identical' if exact else 'DIFFER'}")
+    print(f"saved {out}: {size:,} bytes = theoretical {info.memory_bytes:,.0f} (indices at "
+          f"ceil(log2 n) bits, codebooks at 1 bit, real tensors at their width) + header "
+          f"{header_bytes} + {size - info.memory_bytes - header_bytes:,.0f} (framing, integer "
+          f"counters); float32 would take {info.float32_bytes:,} bytes; reloaded outputs "
+          f"{'identical' if exact else 'DIFFER'}")
     print()
     print(info)
     print()
