@@ -33,8 +33,8 @@ def test_demo_end_to_end(tmp_path):
     loaded = sparks_ext.load(out, sparks_ext.models.SmallCNN(conv="sparks", n_codewords=32, width=16))
     assert sum(isinstance(m, sparks_ext.nn.CodebookConv2d) for m in loaded.modules()) == 4
     assert "CodebookConv2d" in text and "OPs = BOPs/64 + FLOPs" in text
-    assert re.search(r"latency, batch 32, median of 3: float SmallCNN [\d.]+ ms, "
-                     r"converted Sparks SmallCNN [\d.]+ ms", text)
+    assert re.search(r"latency of SmallCNN, batch 32, \d+ threads, median of 3: float [\d.]+ ms, "
+                     r"1-bit XNOR [\d.]+ ms, Sparks n=32 [\d.]+ ms", text)
 
 
 def test_summary_command(capsys):
