@@ -274,6 +274,8 @@ def _read(path: PathLike) -> tuple[dict, bytes, int]:
         header = json.loads(zlib.decompress(data[start: start + header_len]))
     except (zlib.error, ValueError) as e:
         raise ValueError(f"{where} is corrupted: unreadable header ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise ValueError(f"{where} is corrupted: the header lists no tensors")
     return header, data[start + header_len: start + header_len + payload_len], header_len
 
 
@@ -286,7 +288,7 @@ def read_header(path: PathLike) -> dict:
 
 def _tensors(header: dict, payload: bytes, where: str) -> dict:
     state, offset = {}, 0
-    for entry in header.get("tensors", []):
+    for entry in header["tensors"]:
         try:
             name, encoding, dtype_name, shape, nbytes, n = entry
             dtype, shape = _DTYPES[dtype_name], tuple(int(s) for s in shape)
@@ -332,9 +334,13 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     if model is None:
         spec = header.get("architecture")
         if spec is None:
-            raise ValueError(f"{where} holds a {header.get('model')} whose architecture it cannot "
-                             f"rebuild (a custom class); pass model= to load into it")
-        model = _build(spec).eval()
+            raise ValueError(f"{where} holds a {header.get('model')} that the file cannot rebuild "
+                             f"(a forward of its own, or constructor arguments not kept as "
+                             f"attributes); pass model= to load into it")
+        try:
+            model = _build(spec).eval()
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where} is corrupted: cannot rebuild its architecture ({e})") from None
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     elif any(is_trainable_layer(m) for m in model.modules()):

@@ -187,6 +187,41 @@ def test_architecture_names_outside_the_allowed_namespaces_are_refused(tmp_path)
     assert not marker.exists()
 
 
+def test_malformed_header_with_valid_checksum(tmp_path):
+    path = tmp_path / "m.spk"
+    sparks_ext.save(nn.Sequential(nn.ReLU()), path)
+    good = path.read_bytes()
+    _rewrite(path, lambda h: h.pop("tensors"))
+    with pytest.raises(ValueError, match="corrupted: the header lists no tensors"):
+        sparks_ext.load(path)
+    path.write_bytes(good)
+    _rewrite(path, lambda h: h.__setitem__("architecture", {"class": "torch.nn.ReLU"}))
+    with pytest.raises(ValueError, match="corrupted: cannot rebuild its architecture"):
+        sparks_ext.load(path)
+    path.write_bytes(good)
+    _rewrite(path, lambda h: h.__setitem__("architecture", {"class": "torch.nn.Linear",
+                                                            "config": {"in_feature": 3}}))
+    with pytest.raises(ValueError, match="corrupted: cannot rebuild its architecture"):
+        sparks_ext.load(path)
+
+
+def test_sequential_of_library_layers_is_rebuilt(tmp_path):
+    from test_convert import trained_small_cnn
+
+    xnor = next(m for m in sparks_ext.convert(trained_small_cnn("binary", steps=1)).modules()
+                if isinstance(m, sparks_ext.nn.XnorConv2d))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), xnor, nn.PReLU(16),
+                          _codebook_layer(16, 8, 8, 0, stride=2), nn.Hardtanh(-2, 2)).eval()
+    path = tmp_path / "m.spk"
+    sparks_ext.save(model, path)
+    loaded = sparks_ext.load(path)
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[3].stride == (2, 2) and loaded[4].min_val == -2
+    _assert_same_state(model, loaded)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("keep", [0, 5, 20, 60, -1])
 def test_truncated_file(tmp_path, keep):
     path = tmp_path / "m.spk"
