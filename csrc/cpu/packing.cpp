@@ -178,6 +178,7 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
   const int64_t cin_g = g.in_per_group();
   px.words = (cin_g + 63) / 64;
   px.storage = at::empty({g.batch, g.groups, px.hp, px.wp, px.words}, input.options().dtype(at::kLong));
+  px.data = reinterpret_cast<const uint64_t*>(px.storage.data_ptr<int64_t>());
 
   // float32 channels_last input is read directly (one compare per 16 channels); anything else
   // is binarized by ATen into channels-last bytes first.
@@ -294,16 +295,30 @@ void TileWriter::store_impl(const TileWriter& w, const int32_t* tile, int64_t ld
   const int64_t s_c = o.stride(1), s_h = o.stride(2), s_w = o.stride(3);
   const scalar_t* scale = w.scale_.defined() ? w.scale_.data_ptr<scalar_t>() + co0 : nullptr;
   const scalar_t* bias = w.bias_.defined() ? w.bias_.data_ptr<scalar_t>() + co0 : nullptr;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = p0 + r;
-    scalar_t* dst = out + (p / w.out_w_) * s_h + (p % w.out_w_) * s_w;
-    const int32_t* src = tile + r * ld;
-    for (int64_t c = 0; c < cols; ++c) {
-      opmath_t v = static_cast<opmath_t>(src[c]);
-      if (scale) v = v * static_cast<opmath_t>(scale[c]);
-      if (bias) v = v + static_cast<opmath_t>(bias[c]);
-      dst[c * s_c] = static_cast<scalar_t>(v);
+  // One branch-free loop per (scale, bias) case so that the compiler vectorizes the
+  // channels-contiguous (channels_last) case.
+  const auto rows_loop = [&](auto value) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p = p0 + r;
+      scalar_t* dst = out + (p / w.out_w_) * s_h + (p % w.out_w_) * s_w;
+      const int32_t* src = tile + r * ld;
+      if (s_c == 1) {
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(value(src[c], c));
+      } else {
+        for (int64_t c = 0; c < cols; ++c) dst[c * s_c] = static_cast<scalar_t>(value(src[c], c));
+      }
     }
+  };
+  if (scale && bias) {
+    rows_loop([&](int32_t v, int64_t c) {
+      return static_cast<opmath_t>(v) * static_cast<opmath_t>(scale[c]) + static_cast<opmath_t>(bias[c]);
+    });
+  } else if (scale) {
+    rows_loop([&](int32_t v, int64_t c) { return static_cast<opmath_t>(v) * static_cast<opmath_t>(scale[c]); });
+  } else if (bias) {
+    rows_loop([&](int32_t v, int64_t c) { return static_cast<opmath_t>(v) + static_cast<opmath_t>(bias[c]); });
+  } else {
+    rows_loop([](int32_t v, int64_t) { return static_cast<opmath_t>(v); });
   }
 }
 

@@ -89,11 +89,11 @@ struct Epilogue {
 // validity of each tap (tap_pixels below), since zero is neither bit.
 struct PackedPixels {
   at::Tensor storage;  // uint64 (N, G, Hp, Wp, words)
+  const uint64_t* data;
   int64_t groups, hp, wp, words;
 
   const uint64_t* pixel(int64_t n, int64_t grp, int64_t h, int64_t w) const {
-    return reinterpret_cast<const uint64_t*>(storage.data_ptr<int64_t>()) +
-           (((n * groups + grp) * hp + h) * wp + w) * words;
+    return data + (((n * groups + grp) * hp + h) * wp + w) * words;
   }
 };
 
