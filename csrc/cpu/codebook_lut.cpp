@@ -61,7 +61,7 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
   const int64_t lut_bytes = lut.numel();
   // (C_in/groups, C_out) bytes: one contiguous row of output channels per input channel. A
   // uint8 indices tensor stored transposed (indices.t() contiguous) is used as it is.
-  const at::Tensor idx_t = indices.t().to(at::kByte).contiguous();
+  const at::Tensor idx_t = index_table(indices);
   const uint8_t* idx_ptr = idx_t.data_ptr<uint8_t>();
   const int64_t ld_idx = g.out_channels;
 

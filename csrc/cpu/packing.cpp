@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -234,41 +235,139 @@ uint64_t tap_pixels(const PackedPixels& px, const ConvGeometry& g, int64_t n, in
   return valid;
 }
 
-at::Tensor pack_weight_channels(const at::Tensor& weight, Isa isa) {
-  const int64_t cout = weight.size(0), cin = weight.size(1);
-  const int64_t taps = weight.size(2) * weight.size(3), words = (cin + 63) / 64;
-  at::Tensor bits;
-  if (weight.scalar_type() == at::kBool) {
-    bits = weight;
-  } else {
-    const at::Tensor bad = at::logical_and(weight != 1, weight != -1);
-    if (bad.any().item<bool>()) {
-      const at::Tensor where = bad.nonzero()[0];
-      const auto at_ = [&](int i) { return where[i].item<int64_t>(); };
-      TORCH_CHECK_VALUE(false, "weight entries must be -1 or +1 (or bool), got ",
-                        weight[at_(0)][at_(1)][at_(2)][at_(3)].item<double>(),
-                        " at weight[", at_(0), ", ", at_(1), ", ", at_(2), ", ", at_(3), "]");
+namespace {
+
+// Bits of one (output channel, tap) row of a dense weight: channel ci of the row is
+// w[ci * stride]. Bool entries are bits; others must be -1 or +1 (ValueError otherwise).
+template <typename scalar_t>
+void pack_weight_row(const scalar_t* w, int64_t stride, int64_t cin, uint64_t* out,
+                     const at::Tensor& weight, int64_t co, int64_t t) {
+  for (int64_t k = 0; k * 64 < cin; ++k) out[k] = 0;
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    const scalar_t v = w[ci * stride];
+    bool plus;
+    if constexpr (std::is_same_v<scalar_t, bool>) {
+      plus = v;
+    } else {
+      plus = v == scalar_t(1);
+      TORCH_CHECK_VALUE(plus || v == scalar_t(-1), "weight entries must be -1 or +1 (or bool), got ",
+                        static_cast<double>(v), " at weight[", co, ", ", ci, ", ", t / weight.size(3),
+                        ", ", t % weight.size(3), "]");
     }
-    bits = weight > 0;
+    out[ci >> 6] |= uint64_t{plus} << (ci & 63);
   }
-  // (C_out, kh, kw, C_in/groups) bytes, then one word per 64 channels.
-  const at::Tensor rows = bits.permute({0, 2, 3, 1}).contiguous();
-  const uint8_t* b = reinterpret_cast<const uint8_t*>(rows.data_ptr<bool>());
+}
+
+#if defined(__x86_64__)
+// Same for a channels-contiguous float32 row, 16 channels per compare.
+SPARKS_AVX512 bool pack_weight_row_f32_avx512(const float* w, int64_t cin, uint64_t* out) {
+  const __m512 one = _mm512_set1_ps(1.f), minus_one = _mm512_set1_ps(-1.f);
+  for (int64_t k = 0; k * 64 < cin; ++k) out[k] = 0;
+  for (int64_t c = 0; c < cin; c += 16) {
+    const int64_t left = std::min<int64_t>(16, cin - c);
+    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, w + c);
+    const __mmask16 plus = _mm512_mask_cmp_ps_mask(m, v, one, _CMP_EQ_OQ);
+    const __mmask16 minus = _mm512_mask_cmp_ps_mask(m, v, minus_one, _CMP_EQ_OQ);
+    if ((plus | minus) != m) return false;
+    out[c >> 6] |= uint64_t{plus} << (c & 63);
+  }
+  return true;
+}
+#endif
+
+template <typename scalar_t>
+void pack_weight_rows(const at::Tensor& weight, bool rows_contiguous, Isa isa, uint64_t* out) {
+  const int64_t cout = weight.size(0), cin = weight.size(1), kw = weight.size(3);
+  const int64_t taps = weight.size(2) * kw, words = (cin + 63) / 64;
+  const scalar_t* w = weight.data_ptr<scalar_t>();
+  at::parallel_for(0, cout * taps, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t co = r / taps, t = r % taps;
+      const scalar_t* row = w + co * weight.stride(0) + (t / kw) * weight.stride(2) + (t % kw) * weight.stride(3);
+      uint64_t* dst = out + r * words;
+#if defined(__x86_64__)
+      if (isa == Isa::kAvx512 && rows_contiguous) {
+        if constexpr (std::is_same_v<scalar_t, bool>) {
+          pack_pixel(reinterpret_cast<const uint8_t*>(row), nullptr, cin, words, isa, dst);
+          continue;
+        } else if constexpr (std::is_same_v<scalar_t, float>) {
+          if (pack_weight_row_f32_avx512(row, cin, dst)) continue;  // else: report below
+        }
+      }
+#endif
+      pack_weight_row(row, weight.stride(1), cin, dst, weight, co, t);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor pack_weight_channels(const at::Tensor& weight, Isa isa) {
+  const int64_t cout = weight.size(0), cin = weight.size(1), kw = weight.size(3);
+  const int64_t taps = weight.size(2) * kw, words = (cin + 63) / 64;
   at::Tensor packed = at::empty({cout, taps, words}, weight.options().dtype(at::kLong));
   uint64_t* out = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
-  at::parallel_for(0, cout * taps, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) pack_pixel(b + r * cin, nullptr, cin, words, isa, out + r * words);
+  // A channels-last weight (channels contiguous per (output channel, tap)) packs 64 channels
+  // per instruction; any other layout is read element by element.
+  const bool rows_contiguous = weight.stride(1) == 1 || cin == 1;
+  AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, weight.scalar_type(), "pack_weight", [&] {
+    pack_weight_rows<scalar_t>(weight, rows_contiguous, isa, out);
   });
   return packed;
 }
 
+namespace {
+
+// indices in a dtype AT_DISPATCH_INTEGRAL_TYPES covers (the wide unsigned ones become int64).
+at::Tensor dispatchable(const at::Tensor& indices) {
+  switch (indices.scalar_type()) {
+    case at::kByte: case at::kChar: case at::kShort: case at::kInt: case at::kLong:
+      return indices;
+    default:
+      return indices.to(at::kLong);
+  }
+}
+
+}  // namespace
+
 void check_index_range(const at::Tensor& indices, int64_t n) {
   if (indices.numel() == 0) return;
-  const auto minmax = at::aminmax(indices);
-  const int64_t lo = std::get<0>(minmax).item<int64_t>();
-  const int64_t hi = std::get<1>(minmax).item<int64_t>();
+  // A non-overlapping dense tensor fills [data, data + numel) in some order: scan it flat.
+  at::Tensor dense = dispatchable(indices);
+  if (!dense.is_non_overlapping_and_dense()) dense = dense.contiguous();
+  int64_t lo = 0, hi = 0;
+  AT_DISPATCH_INTEGRAL_TYPES(dense.scalar_type(), "check_indices", [&] {
+    const scalar_t* p = dense.data_ptr<scalar_t>();
+    scalar_t mn = p[0], mx = p[0];
+    for (int64_t i = 1; i < dense.numel(); ++i) {
+      mn = std::min(mn, p[i]);
+      mx = std::max(mx, p[i]);
+    }
+    lo = static_cast<int64_t>(mn);
+    hi = static_cast<int64_t>(mx);
+  });
   TORCH_CHECK_VALUE(lo >= 0 && hi < n, "indices must lie in [0, n) = [0, ", n,
                     "), got values in [", lo, ", ", hi, "]");
+}
+
+at::Tensor index_table(const at::Tensor& indices) {
+  if (indices.scalar_type() == at::kByte && indices.t().is_contiguous()) return indices.t();
+  const int64_t rows = indices.size(0), cols = indices.size(1);
+  const at::Tensor src = dispatchable(indices);
+  at::Tensor table = at::empty({cols, rows}, indices.options().dtype(at::kByte));
+  uint8_t* out = table.data_ptr<uint8_t>();
+  AT_DISPATCH_INTEGRAL_TYPES(src.scalar_type(), "index_table", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    const int64_t s0 = src.stride(0), s1 = src.stride(1);
+    constexpr int64_t kBlock = 32;  // transpose in blocks that stay in L1
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+        for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+          for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
+            out[c * rows + r] = static_cast<uint8_t>(in[r * s0 + c * s1]);
+  });
+  return table;
 }
 
 TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,

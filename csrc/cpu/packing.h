@@ -113,6 +113,11 @@ at::Tensor pack_weight_channels(const at::Tensor& weight, Isa isa);
 // Checks that every index lies in [0, n) (ValueError naming `indices`) without converting.
 void check_index_range(const at::Tensor& indices, int64_t n);
 
+// Range-checked (C_out, C_in/groups) indices as a uint8 (C_in/groups, C_out) row-major table:
+// one row of output channels per input channel. Free for uint8 indices stored that way
+// (indices.t() contiguous), as a layer can keep them.
+at::Tensor index_table(const at::Tensor& indices);
+
 // Writes int32 result tiles to the output in its dtype and memory format, applying scale and
 // bias like Epilogue. A tile is rows x cols values, row r = flat output position p0 + r
 // (p = oh * out_w + ow), column c = output channel co0 + c, row stride ld.
