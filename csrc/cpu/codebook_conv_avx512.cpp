@@ -62,6 +62,16 @@ SPARKS_TARGET_AVX512 void patch_offsets_avx512(const uint64_t* const* pixels, in
   }
 }
 
+SPARKS_TARGET_AVX512 void border_rows_avx512(uint8_t* base, uint32_t* offsets, int64_t cin,
+                                             uint32_t plus, uint32_t scratch) {
+  for (int64_t ci = 0; ci < cin; ++ci, scratch += kLutRow) {
+    const __m512i minus_row = _mm512_load_si512(base + offsets[ci]);
+    const __m512i plus_row = _mm512_load_si512(base + (offsets[ci] | plus));
+    _mm512_store_si512(base + scratch, _mm512_avg_epu8(minus_row, plus_row));
+    offsets[ci] = scratch;
+  }
+}
+
 template <int R>
 SPARKS_TARGET_AVX512 void gather_rows(const uint8_t* base, const uint32_t* offsets, int64_t ld_off,
                                       const uint8_t* idx_t, int64_t ld_idx, int64_t cols,
@@ -132,7 +142,9 @@ void gather_avx512(const uint8_t* base, const uint32_t* offsets, int64_t ld_off,
 
 }  // namespace
 
-LutKernel lut_kernel_avx512() { return {&patch_offsets_avx512, &gather_avx512, 8}; }
+LutKernel lut_kernel_avx512() {
+  return {&patch_offsets_avx512, &gather_avx512, &border_rows_avx512, 8};
+}
 
 }  // namespace cpu
 }  // namespace sparks

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace sparks {
@@ -39,10 +40,6 @@ at::Tensor build_lut(const PackedCodebook& cb, int64_t taps) {
   return lut;
 }
 
-// Border row for zero padding: the average of the rows with outside taps -1 and +1.
-void average_row(const uint8_t* a, const uint8_t* b, uint8_t* out) {
-  for (int64_t i = 0; i < kLutRow; ++i) out[i] = static_cast<uint8_t>((a[i] + b[i] + 1) >> 1);
-}
 
 }  // namespace
 
@@ -82,8 +79,8 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
   at::parallel_for(0, per_image * tiles, 1, [&](int64_t begin, int64_t end) {
     // This thread's LUT copy with its border scratch rows behind it, so that one 32-bit offset
     // from one base addresses any row.
-    std::vector<uint8_t> rows_buf(lut_bytes + scratch_rows * kLutRow + 64);
-    uint8_t* base = rows_buf.data() + ((64 - reinterpret_cast<uintptr_t>(rows_buf.data()) % 64) % 64);
+    std::unique_ptr<uint8_t[]> rows_buf(new uint8_t[lut_bytes + scratch_rows * kLutRow + 64]);
+    uint8_t* base = rows_buf.get() + ((64 - reinterpret_cast<uintptr_t>(rows_buf.get()) % 64) % 64);
     std::memcpy(base, lut.data_ptr<uint8_t>(), lut_bytes);
     std::vector<uint32_t> offsets(tile * cin_g);
     std::vector<const uint64_t*> pixels(taps);
@@ -97,18 +94,15 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
       int64_t scratch = 0;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t p = p0 + r;
-        const uint64_t valid = tap_pixels(px, g, img, grp, p / g.out_w, p % g.out_w, pixels.data());
+        const uint64_t valid = tap_pixels(px, img, grp, p / g.out_w, p % g.out_w, pixels.data());
         uint32_t* off = offsets.data() + r * cin_g;
         kernel.patch_offsets(pixels.data(), taps, cin_g, off);
         const uint64_t outside = low_bits(taps) & ~valid;
         if (outside == 0) continue;
         // Outside taps read 0 bits (-1); their +1 twin sets them.
-        const uint32_t plus = static_cast<uint32_t>(outside * kLutRow);
-        for (int64_t ci = 0; ci < cin_g; ++ci, ++scratch) {
-          const uint32_t row = static_cast<uint32_t>(lut_bytes + scratch * kLutRow);
-          average_row(base + off[ci], base + (off[ci] | plus), base + row);
-          off[ci] = row;
-        }
+        kernel.border_rows(base, off, cin_g, static_cast<uint32_t>(outside * kLutRow),
+                           static_cast<uint32_t>(lut_bytes + scratch * kLutRow));
+        scratch += cin_g;
       }
       for (int64_t c0 = 0; c0 < cout_g; c0 += 64) {
         const int64_t cols = std::min<int64_t>(64, cout_g - c0);

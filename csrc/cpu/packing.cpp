@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -169,6 +170,35 @@ void pack_pixel(const uint8_t* bytes, const float* floats, int64_t cin_g, int64_
   }
 }
 
+// `pixels` consecutive pixels (stride s_w) of one image row.
+void pack_row_portable(const uint8_t* bytes, int64_t s_w, int64_t pixels, int64_t cin_g,
+                       int64_t words, uint64_t* out) {
+  for (int64_t w = 0; w < pixels; ++w)
+    for (int64_t k = 0; k < words; ++k)
+      out[w * words + k] = pack_bytes_portable(bytes + w * s_w + 64 * k, std::min<int64_t>(64, cin_g - 64 * k));
+}
+
+#if defined(__x86_64__)
+SPARKS_AVX512 void pack_row_avx512(const uint8_t* bytes, const float* floats, int64_t s_w,
+                                   int64_t pixels, int64_t cin_g, int64_t words, uint64_t* out) {
+  for (int64_t w = 0; w < pixels; ++w)
+    for (int64_t k = 0; k < words; ++k) {
+      const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
+      out[w * words + k] = floats ? pack_floats_avx512(floats + w * s_w + 64 * k, count)
+                                  : pack_bytes_avx512(bytes + w * s_w + 64 * k, count);
+    }
+}
+#endif
+
+void pack_row(const uint8_t* bytes, const float* floats, int64_t s_w, int64_t pixels, int64_t cin_g,
+              int64_t words, Isa isa, uint64_t* out) {
+#if defined(__x86_64__)
+  if (isa == Isa::kAvx512) return pack_row_avx512(bytes, floats, s_w, pixels, cin_g, words, out);
+#endif
+  (void)isa;
+  pack_row_portable(bytes, s_w, pixels, cin_g, words, out);
+}
+
 }  // namespace
 
 PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa) {
@@ -180,6 +210,24 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
   px.words = (cin_g + 63) / 64;
   px.storage = at::empty({g.batch, g.groups, px.hp, px.wp, px.words}, input.options().dtype(at::kLong));
   px.data = reinterpret_cast<const uint64_t*>(px.storage.data_ptr<int64_t>());
+  px.stride_h = g.stride_h;
+  px.stride_w = g.stride_w;
+  const bool zero_pad = g.pad_value == 0;
+  px.row_valid.assign(g.out_h, 0);
+  px.col_valid.assign(g.out_w, 0);
+  for (int64_t i = 0, t = 0; i < g.kernel_h; ++i) {
+    for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
+      px.tap_offset.push_back((i * g.dil_h * px.wp + j * g.dil_w) * px.words);
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const int64_t h = oh * g.stride_h + i * g.dil_h;  // padded coordinates
+        if (!zero_pad || (h >= g.pad_h && h < g.pad_h + g.in_h)) px.row_valid[oh] |= uint64_t{1} << t;
+      }
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const int64_t w = ow * g.stride_w + j * g.dil_w;
+        if (!zero_pad || (w >= g.pad_w && w < g.pad_w + g.in_w)) px.col_valid[ow] |= uint64_t{1} << t;
+      }
+    }
+  }
 
   // float32 channels_last input is read directly (one compare per 16 channels); anything else
   // is binarized by ATen into channels-last bytes first.
@@ -202,37 +250,19 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
       const int64_t n = row / px.hp, h = row % px.hp, ih = h - g.pad_h;
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         uint64_t* out = dst + (((n * g.groups + grp) * px.hp + h) * px.wp) * px.words;
-        for (int64_t w = 0; w < px.wp; ++w, out += px.words) {
-          const int64_t iw = w - g.pad_w;
-          if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) {
-            std::copy(pad.begin(), pad.end(), out);
-            continue;
-          }
-          const int64_t offset = n * s_n + ih * s_h + iw * s_w + grp * cin_g * s_c;
-          pack_pixel(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, cin_g,
-                     px.words, isa, out);
+        const bool pad_row = ih < 0 || ih >= g.in_h;
+        for (int64_t w = 0; w < px.wp; ++w) {
+          if (pad_row || w < g.pad_w || w >= g.pad_w + g.in_w)
+            std::copy(pad.begin(), pad.end(), out + w * px.words);
         }
+        if (pad_row) continue;
+        const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
+        pack_row(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, s_w, g.in_w,
+                 cin_g, px.words, isa, out + g.pad_w * px.words);
       }
     }
   });
   return px;
-}
-
-uint64_t tap_pixels(const PackedPixels& px, const ConvGeometry& g, int64_t n, int64_t grp,
-                    int64_t oh, int64_t ow, const uint64_t** pixels) {
-  uint64_t valid = 0;
-  int64_t t = 0;
-  for (int64_t i = 0; i < g.kernel_h; ++i) {
-    const int64_t h = oh * g.stride_h + i * g.dil_h;  // padded coordinates
-    const bool row_inside = h >= g.pad_h && h < g.pad_h + g.in_h;
-    for (int64_t j = 0; j < g.kernel_w; ++j, ++t) {
-      const int64_t w = ow * g.stride_w + j * g.dil_w;
-      pixels[t] = px.pixel(n, grp, h, w);
-      if (g.pad_value != 0 || (row_inside && w >= g.pad_w && w < g.pad_w + g.in_w))
-        valid |= uint64_t{1} << t;
-    }
-  }
-  return valid;
 }
 
 namespace {
@@ -331,24 +361,34 @@ at::Tensor dispatchable(const at::Tensor& indices) {
 
 }  // namespace
 
+namespace {
+
+template <typename scalar_t>
+bool any_outside(const scalar_t* p, int64_t count, int64_t n) {
+  // Compare in the index type (vectorizes); n - 1 may exceed the type's range.
+  const scalar_t top = n - 1 >= static_cast<int64_t>(std::numeric_limits<scalar_t>::max())
+                           ? std::numeric_limits<scalar_t>::max()
+                           : static_cast<scalar_t>(n - 1);
+  bool bad = false;
+  for (int64_t i = 0; i < count; ++i) bad |= (p[i] < scalar_t(0)) | (p[i] > top);
+  return bad;
+}
+
+}  // namespace
+
 void check_index_range(const at::Tensor& indices, int64_t n) {
   if (indices.numel() == 0) return;
   // A non-overlapping dense tensor fills [data, data + numel) in some order: scan it flat.
   at::Tensor dense = dispatchable(indices);
   if (!dense.is_non_overlapping_and_dense()) dense = dense.contiguous();
-  int64_t lo = 0, hi = 0;
+  bool bad = false;
   AT_DISPATCH_INTEGRAL_TYPES(dense.scalar_type(), "check_indices", [&] {
-    const scalar_t* p = dense.data_ptr<scalar_t>();
-    scalar_t mn = p[0], mx = p[0];
-    for (int64_t i = 1; i < dense.numel(); ++i) {
-      mn = std::min(mn, p[i]);
-      mx = std::max(mx, p[i]);
-    }
-    lo = static_cast<int64_t>(mn);
-    hi = static_cast<int64_t>(mx);
+    bad = any_outside(dense.data_ptr<scalar_t>(), dense.numel(), n);
   });
-  TORCH_CHECK_VALUE(lo >= 0 && hi < n, "indices must lie in [0, n) = [0, ", n,
-                    "), got values in [", lo, ", ", hi, "]");
+  if (!bad) return;
+  const at::Tensor wide = dense.to(at::kLong);
+  TORCH_CHECK_VALUE(false, "indices must lie in [0, n) = [0, ", n, "), got values in [",
+                    wide.min().item<int64_t>(), ", ", wide.max().item<int64_t>(), "]");
 }
 
 at::Tensor index_table(const at::Tensor& indices) {
@@ -370,18 +410,53 @@ at::Tensor index_table(const at::Tensor& indices) {
   return table;
 }
 
+#if defined(__x86_64__)
+namespace {
+
+// float32 channels_last rows: 16 channels per convert (+ multiply, add).
+SPARKS_AVX512 void store_f32_rows_avx512(float* out, int64_t s_h, int64_t s_w, int64_t out_w,
+                                         const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
+                                         int64_t cols, const float* scale, const float* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = p0 + r;
+    float* dst = out + (p / out_w) * s_h + (p % out_w) * s_w;
+    const int32_t* src = tile + r * ld;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = std::min<int64_t>(16, cols - c);
+      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+      __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
+      if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + c));
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
+      _mm512_mask_storeu_ps(dst + c, m, v);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,
-                       const c10::optional<at::Tensor>& bias, const ConvGeometry& g)
+                       const c10::optional<at::Tensor>& bias, const ConvGeometry& g, Isa isa)
     : output_(output),
       scale_(scale.has_value() ? scale->contiguous() : at::Tensor()),
       bias_(bias.has_value() ? bias->contiguous() : at::Tensor()),
       out_w_(g.out_w) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "sparks_store",
                                   [&] { store_ = &TileWriter::store_impl<scalar_t>; });
+  f32_rows_avx512_ = isa == Isa::kAvx512 && output.scalar_type() == at::kFloat && output.stride(1) == 1;
 }
 
 void TileWriter::store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows,
                        int64_t co0, int64_t cols) const {
+#if defined(__x86_64__)
+  if (f32_rows_avx512_) {
+    const at::Tensor& o = output_;
+    return store_f32_rows_avx512(o.data_ptr<float>() + n * o.stride(0) + co0, o.stride(2), o.stride(3),
+                                 out_w_, tile, ld, p0, rows, cols,
+                                 scale_.defined() ? scale_.data_ptr<float>() + co0 : nullptr,
+                                 bias_.defined() ? bias_.data_ptr<float>() + co0 : nullptr);
+  }
+#endif
   store_(*this, tile, ld, n, p0, rows, co0, cols);
 }
 
