@@ -369,9 +369,12 @@ bool any_outside(const scalar_t* p, int64_t count, int64_t n) {
   const scalar_t top = n - 1 >= static_cast<int64_t>(std::numeric_limits<scalar_t>::max())
                            ? std::numeric_limits<scalar_t>::max()
                            : static_cast<scalar_t>(n - 1);
-  bool bad = false;
-  for (int64_t i = 0; i < count; ++i) bad |= (p[i] < scalar_t(0)) | (p[i] > top);
-  return bad;
+  scalar_t lo = p[0], hi = p[0];  // min / max reductions vectorize
+  for (int64_t i = 1; i < count; ++i) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+  }
+  return lo < scalar_t(0) || hi > top;
 }
 
 }  // namespace
