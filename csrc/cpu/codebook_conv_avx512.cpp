@@ -104,7 +104,8 @@ SPARKS_TARGET_AVX512 void gather_rows(const uint8_t* base, const uint32_t* offse
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const __m512i row = _mm512_loadu_si512(base + off[r][ci]);
-          acc[r] = _mm512_add_epi8(acc[r], _mm512_permutexvar_epi8(idx, row));
+          // This operand order lets GCC accumulate in place (no extra register move per term).
+          acc[r] = _mm512_add_epi8(_mm512_permutexvar_epi8(idx, row), acc[r]);
         }
       }
       for (int r = 0; r < R; ++r) {

@@ -139,15 +139,19 @@ SPARKS_AVX512 inline uint64_t pack_bytes_avx512(const uint8_t* b, int64_t count)
   return _mm512_test_epi8_mask(v, v);
 }
 
-// Sign bits of `count` <= 64 channels-contiguous floats, straight from float32.
-SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count) {
+// Sign bits of `count` <= 64 float32 channels (stride s_c), straight from the input: contiguous
+// loads for channels_last, gathers for NCHW.
+SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, int64_t s_c) {
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(s_c)));
   uint64_t word = 0;
   for (int64_t c = 0; c < count; c += 16) {
     const int64_t left = std::min<int64_t>(16, count - c);
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 ge = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, x + c),
-                                                 _mm512_setzero_ps(), _CMP_GE_OQ);
-    word |= uint64_t{ge} << c;
+    const __m512 v = s_c == 1 ? _mm512_maskz_loadu_ps(m, x + c)
+                              : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, lanes, x + c * s_c, 4);
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_GE_OQ)} << c;
   }
   return word;
 }
@@ -160,7 +164,7 @@ void pack_pixel(const uint8_t* bytes, const float* floats, int64_t cin_g, int64_
     const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
 #if defined(__x86_64__)
     if (isa == Isa::kAvx512) {
-      out[k] = floats ? pack_floats_avx512(floats + 64 * k, count)
+      out[k] = floats ? pack_floats_avx512(floats + 64 * k, count, 1)
                       : pack_bytes_avx512(bytes + 64 * k, count);
       continue;
     }
@@ -179,21 +183,22 @@ void pack_row_portable(const uint8_t* bytes, int64_t s_w, int64_t pixels, int64_
 }
 
 #if defined(__x86_64__)
-SPARKS_AVX512 void pack_row_avx512(const uint8_t* bytes, const float* floats, int64_t s_w,
-                                   int64_t pixels, int64_t cin_g, int64_t words, uint64_t* out) {
+SPARKS_AVX512 void pack_row_avx512(const uint8_t* bytes, const float* floats, int64_t s_c,
+                                   int64_t s_w, int64_t pixels, int64_t cin_g, int64_t words,
+                                   uint64_t* out) {
   for (int64_t w = 0; w < pixels; ++w)
     for (int64_t k = 0; k < words; ++k) {
       const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
-      out[w * words + k] = floats ? pack_floats_avx512(floats + w * s_w + 64 * k, count)
+      out[w * words + k] = floats ? pack_floats_avx512(floats + w * s_w + 64 * k * s_c, count, s_c)
                                   : pack_bytes_avx512(bytes + w * s_w + 64 * k, count);
     }
 }
 #endif
 
-void pack_row(const uint8_t* bytes, const float* floats, int64_t s_w, int64_t pixels, int64_t cin_g,
-              int64_t words, Isa isa, uint64_t* out) {
+void pack_row(const uint8_t* bytes, const float* floats, int64_t s_c, int64_t s_w, int64_t pixels,
+              int64_t cin_g, int64_t words, Isa isa, uint64_t* out) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return pack_row_avx512(bytes, floats, s_w, pixels, cin_g, words, out);
+  if (isa == Isa::kAvx512) return pack_row_avx512(bytes, floats, s_c, s_w, pixels, cin_g, words, out);
 #endif
   (void)isa;
   pack_row_portable(bytes, s_w, pixels, cin_g, words, out);
@@ -229,13 +234,15 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
     }
   }
 
-  // float32 channels_last input is read directly (one compare per 16 channels); anything else
-  // is binarized by ATen into channels-last bytes first.
+  // float32 input is read directly (one compare per 16 channels: loads for channels_last,
+  // gathers with 32-bit offsets otherwise); anything else is binarized by ATen into
+  // channels-last bytes first.
+  const int64_t span = (input.size(1) - 1) * input.stride(1) + 16 * input.stride(1);
   const bool direct = isa == Isa::kAvx512 && input.scalar_type() == at::kFloat &&
-                      input.stride(1) == 1;
+                      input.stride(1) > 0 && span < (int64_t{1} << 31);
   const at::Tensor src = direct ? input : at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t s_n = src.stride(0), s_c = src.stride(1), s_h = src.stride(2), s_w = src.stride(3);
-  TORCH_INTERNAL_ASSERT(s_c == 1 || g.in_channels == 1);
+  TORCH_INTERNAL_ASSERT(direct || s_c == 1 || g.in_channels == 1);
   const float* fsrc = direct ? input.data_ptr<float>() : nullptr;
   const uint8_t* bsrc = direct ? nullptr : reinterpret_cast<const uint8_t*>(src.data_ptr<bool>());
 
@@ -257,7 +264,7 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
         }
         if (pad_row) continue;
         const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
-        pack_row(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, s_w, g.in_w,
+        pack_row(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, s_c, s_w, g.in_w,
                  cin_g, px.words, isa, out + g.pad_w * px.words);
       }
     }
