@@ -62,7 +62,7 @@ __attribute__((always_inline)) inline void binary_rows_scalar(const BinaryProble
     const int64_t oh = item % g.out_h, grp = (item / g.out_h) % g.groups;
     const int64_t n = item / (g.out_h * g.groups);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const uint64_t valid = tap_pixels(bp.px, g, n, grp, oh, ow, pixels.data());
+      const uint64_t valid = tap_pixels(bp.px, n, grp, oh, ow, pixels.data());
       const int32_t total = static_cast<int32_t>(__builtin_popcountll(valid) * cin_g);
       for (int64_t co = 0; co < cout_g; ++co) {
         const uint64_t* w = bp.weight + (grp * cout_g + co) * taps * words;
@@ -127,7 +127,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt"))) void
     uint64_t valid[kPos];
     for (int64_t r = 0; r < kPos; ++r) {
       const int64_t p = p0 + std::min(r, rows - 1);  // a short tile repeats its last position
-      valid[r] = tap_pixels(bp.px, g, n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
+      valid[r] = tap_pixels(bp.px, n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
     }
     for (int64_t c0 = 0; c0 < cout_g; c0 += kCols) {
       __m512i acc[kPos][4];
@@ -196,7 +196,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (output.numel() == 0) return output;
 
   const PackedPixels px = pack_pixels(input, g, isa);
-  const TileWriter writer(output, scale, bias, g);
+  const TileWriter writer(output, scale, bias, g, isa);
   const BinaryProblem bp{px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,
                          writer};
   switch (isa) {

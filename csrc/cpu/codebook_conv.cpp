@@ -98,7 +98,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
   if (output.numel() == 0) return output;
 
   if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g), isa);
+    codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g, isa), isa);
     return output;
   }
   const at::Tensor idx = indices.to(at::kInt).contiguous();

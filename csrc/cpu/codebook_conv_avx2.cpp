@@ -37,6 +37,18 @@ SPARKS_TARGET_AVX2 void patch_offsets_avx2(const uint64_t* const* pixels, int64_
   }
 }
 
+SPARKS_TARGET_AVX2 void border_rows_avx2(uint8_t* base, uint32_t* offsets, int64_t cin,
+                                         uint32_t plus, uint32_t scratch) {
+  for (int64_t ci = 0; ci < cin; ++ci, scratch += kLutRow) {
+    for (int64_t h = 0; h < kLutRow; h += 32) {
+      const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(base + offsets[ci] + h));
+      const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(base + (offsets[ci] | plus) + h));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(base + scratch + h), _mm256_avg_epu8(a, b));
+    }
+    offsets[ci] = scratch;
+  }
+}
+
 // 32 (or fewer) output channels; out has row stride 64.
 template <int R, int S>
 SPARKS_TARGET_AVX2 void gather_half(const uint8_t* base, const uint32_t* offsets, int64_t ld_off,
@@ -128,7 +140,7 @@ void gather_avx2(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, i
 
 }  // namespace
 
-LutKernel lut_kernel_avx2() { return {&patch_offsets_avx2, &gather_avx2, 4}; }
+LutKernel lut_kernel_avx2() { return {&patch_offsets_avx2, &gather_avx2, &border_rows_avx2, 4}; }
 
 }  // namespace cpu
 }  // namespace sparks

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace sparks {
@@ -39,10 +40,6 @@ at::Tensor build_lut(const PackedCodebook& cb, int64_t taps) {
   return lut;
 }
 
-// Border row for zero padding: the average of the rows with outside taps -1 and +1.
-void average_row(const uint8_t* a, const uint8_t* b, uint8_t* out) {
-  for (int64_t i = 0; i < kLutRow; ++i) out[i] = static_cast<uint8_t>((a[i] + b[i] + 1) >> 1);
-}
 
 }  // namespace
 
@@ -61,56 +58,58 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
   const int64_t lut_bytes = lut.numel();
   // (C_in/groups, C_out) bytes: one contiguous row of output channels per input channel. A
   // uint8 indices tensor stored transposed (indices.t() contiguous) is used as it is.
-  const at::Tensor idx_t = indices.t().to(at::kByte).contiguous();
+  const at::Tensor idx_t = index_table(indices);
   const uint8_t* idx_ptr = idx_t.data_ptr<uint8_t>();
   const int64_t ld_idx = g.out_channels;
 
-  // Positions per work item: enough work items for every thread, and a border scratch area
-  // (positions x C_in/groups rows) of at most ~256 KiB so it stays in L2.
+  // Work item = (image, group, tile of positions, range of 64-channel blocks). A tile's border
+  // scratch area (positions x C_in/groups rows) stays under ~256 KiB so it lives in L2. Small
+  // images (batch 1, 7x7) split the output channels too, so every thread gets a fair share.
   const bool zero_pad = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
-  const int64_t threads = at::get_num_threads();
+  const int64_t want_items = 4 * at::get_num_threads();
   const int64_t per_image = g.batch * g.groups;
-  int64_t tile = std::max<int64_t>(kernel.max_rows, (256 << 10) / (cin_g * kLutRow));
-  const int64_t want_items = 4 * threads;
-  if (per_image * ((positions + tile - 1) / tile) < want_items)
+  const int64_t co_blocks = (cout_g + 63) / 64;
+  int64_t tile = std::min(positions, std::max<int64_t>(kernel.max_rows, (256 << 10) / (cin_g * kLutRow)));
+  int64_t tiles = (positions + tile - 1) / tile;
+  const int64_t co_split = std::min(co_blocks, (want_items + per_image * tiles - 1) / (per_image * tiles));
+  if (per_image * tiles * co_split < want_items) {
     tile = std::max<int64_t>(1, (per_image * positions + want_items - 1) / want_items);
-  tile = std::min(tile, positions);
-  const int64_t tiles = (positions + tile - 1) / tile;
+    tiles = (positions + tile - 1) / tile;
+  }
   const int64_t scratch_rows = zero_pad ? tile * cin_g : 0;
   const int32_t bias = static_cast<int32_t>(cin_g * taps);
 
-  at::parallel_for(0, per_image * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, per_image * tiles * co_split, 1, [&](int64_t begin, int64_t end) {
     // This thread's LUT copy with its border scratch rows behind it, so that one 32-bit offset
     // from one base addresses any row.
-    std::vector<uint8_t> rows_buf(lut_bytes + scratch_rows * kLutRow + 64);
-    uint8_t* base = rows_buf.data() + ((64 - reinterpret_cast<uintptr_t>(rows_buf.data()) % 64) % 64);
+    std::unique_ptr<uint8_t[]> rows_buf(new uint8_t[lut_bytes + scratch_rows * kLutRow + 64]);
+    uint8_t* base = rows_buf.get() + ((64 - reinterpret_cast<uintptr_t>(rows_buf.get()) % 64) % 64);
     std::memcpy(base, lut.data_ptr<uint8_t>(), lut_bytes);
     std::vector<uint32_t> offsets(tile * cin_g);
     std::vector<const uint64_t*> pixels(taps);
     alignas(64) int32_t out[8 * 64];
     TORCH_INTERNAL_ASSERT(kernel.max_rows <= 8);
 
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t split = work % co_split, item = work / co_split;
       const int64_t p0 = (item % tiles) * tile, grp = (item / tiles) % g.groups;
       const int64_t img = item / (tiles * g.groups);
       const int64_t rows = std::min(tile, positions - p0);
       int64_t scratch = 0;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t p = p0 + r;
-        const uint64_t valid = tap_pixels(px, g, img, grp, p / g.out_w, p % g.out_w, pixels.data());
+        const uint64_t valid = tap_pixels(px, img, grp, p / g.out_w, p % g.out_w, pixels.data());
         uint32_t* off = offsets.data() + r * cin_g;
         kernel.patch_offsets(pixels.data(), taps, cin_g, off);
         const uint64_t outside = low_bits(taps) & ~valid;
         if (outside == 0) continue;
         // Outside taps read 0 bits (-1); their +1 twin sets them.
-        const uint32_t plus = static_cast<uint32_t>(outside * kLutRow);
-        for (int64_t ci = 0; ci < cin_g; ++ci, ++scratch) {
-          const uint32_t row = static_cast<uint32_t>(lut_bytes + scratch * kLutRow);
-          average_row(base + off[ci], base + (off[ci] | plus), base + row);
-          off[ci] = row;
-        }
+        kernel.border_rows(base, off, cin_g, static_cast<uint32_t>(outside * kLutRow),
+                           static_cast<uint32_t>(lut_bytes + scratch * kLutRow));
+        scratch += cin_g;
       }
-      for (int64_t c0 = 0; c0 < cout_g; c0 += 64) {
+      const int64_t b0 = split * co_blocks / co_split, b1 = (split + 1) * co_blocks / co_split;
+      for (int64_t c0 = 64 * b0; c0 < 64 * b1; c0 += 64) {
         const int64_t cols = std::min<int64_t>(64, cout_g - c0);
         for (int64_t r0 = 0; r0 < rows; r0 += kernel.max_rows) {
           const int64_t sub = std::min(kernel.max_rows, rows - r0);

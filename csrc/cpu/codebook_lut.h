@@ -41,6 +41,9 @@ struct LutKernel {
   void (*gather)(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, int64_t rows,
                  const uint8_t* idx_t, int64_t ld_idx, int64_t cols, int64_t cin, int64_t taps,
                  int64_t n, int32_t bias, int32_t* out);
+  // Border rows for zero padding: for ci < cin, row ci of `scratch` (an offset from base) =
+  // average of the rows at offsets[ci] and offsets[ci] | plus; offsets[ci] then points to it.
+  void (*border_rows)(uint8_t* base, uint32_t* offsets, int64_t cin, uint32_t plus, uint32_t scratch);
   int64_t max_rows;
 };
 

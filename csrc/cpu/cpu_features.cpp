@@ -23,7 +23,8 @@ bool cpu_has(Isa isa) {
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
-             __builtin_cpu_supports("avx512vpopcntdq") && cpu_has(Isa::kAvx2);
+             __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("gfni") &&
+             cpu_has(Isa::kAvx2);
   }
   return false;
 #else

@@ -1,5 +1,7 @@
 // Which CPU kernel family runs: detected once from CPUID, chosen per call.
 //
+// avx512 = AVX-512 F/BW/VL/VBMI/VPOPCNTDQ + GFNI (Ice Lake, Sapphire Rapids, Zen 4 and later);
+// avx2 = AVX2 + BMI2 + POPCNT (Haswell, Zen and later); portable = plain C++.
 // Every family computes the same exact integers; they differ only in the instructions used.
 // SPARKS_CPU_KERNEL (read at every call, so tests can switch in-process) forces one:
 //   auto (default) | avx512 | avx2 | portable
