@@ -8,7 +8,8 @@
   1-bit and n = 64 / 32 / 16.
 - ``powerlaw``: trains a 1-bit network on the digits and plots how often each of the 512 binary
   3x3 kernels occurs per layer (log-log rank/frequency, PNG; needs matplotlib).
-- ``bench``: the layer benchmark report (``benchmarks/report.py`` of a source checkout).
+- ``bench``: the layer benchmarks of a source checkout (``pytest benchmarks``, a few minutes)
+  and their report (``benchmarks/report.py``: RESULTS.md and a chart).
 """
 from __future__ import annotations
 
@@ -215,11 +216,19 @@ def summary_command(args) -> int:
 
 
 def bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
-    if not script.exists():
-        print(f"the benchmark report is part of the source checkout ({script} not found)", file=sys.stderr)
+    """Runs the pytest-benchmark suite into a JSON, then the report on it (benchmarks/README in
+    the main README: ``pytest benchmarks --benchmark-json=... && python benchmarks/report.py``)."""
+    root = Path(__file__).resolve().parent.parent
+    suite, report = root / "benchmarks", root / "benchmarks" / "report.py"
+    if not report.exists():
+        print(f"the benchmarks are part of the source checkout ({report} not found)", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(script), *args.report_args])
+    results = suite / "results.json"
+    code = subprocess.call([sys.executable, "-m", "pytest", str(suite), f"--benchmark-json={results}",
+                            *args.pytest_args], cwd=root)
+    if code != 0:
+        return code
+    return subprocess.call([sys.executable, str(report), str(results)], cwd=root)
 
 
 def main(argv=None) -> int:
@@ -252,13 +261,13 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32")
     p.set_defaults(func=summary_command)
-    p = sub.add_parser("bench", help="the layer benchmark report (benchmarks/report.py); "
-                                     "further arguments go to the report")
+    p = sub.add_parser("bench", help="run the layer benchmarks (benchmarks/, a few minutes) and "
+                                     "their report; further arguments go to pytest, e.g. -k 'batch1'")
     p.set_defaults(func=bench)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.report_args = rest
+    args.pytest_args = rest
     return args.func(args)
 
 

@@ -47,15 +47,21 @@ def test_summary_command(capsys):
         ["1.676e+09", "8.839e+08", "5.014e+08", "2.972e+08"]
 
 
-def test_bench_runs_the_report_script(monkeypatch, capsys):
+def test_bench_runs_the_suite_then_the_report(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
-    script = ROOT / "benchmarks" / "report.py"
-    code = cli.main(["bench", "--quick"])
-    if script.exists():
-        assert code == 0 and calls == [[sys.executable, str(script), "--quick"]]
-    else:
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    suite = ROOT / "benchmarks"
+    code = cli.main(["bench", "-k", "batch1"])
+    if not (suite / "report.py").exists():
         assert code == 2 and calls == [] and "report.py not found" in capsys.readouterr().err
+        return
+    json = suite / "results.json"
+    assert code == 0 and calls == [
+        ([sys.executable, "-m", "pytest", str(suite), f"--benchmark-json={json}", "-k", "batch1"], ROOT),
+        ([sys.executable, str(suite / "report.py"), str(json)], ROOT)]
+    calls.clear()
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 3)
+    assert cli.main(["bench"]) == 3 and len(calls) == 1  # no report when the suite fails
 
 
 def test_usage_errors(capsys):
