@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="where to save the model (default: a temporary directory)")
     p.add_argument("--latency-batch", type=int, default=256)
-    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
     p = sub.add_parser("powerlaw", help="train a 1-bit CNN on digits and plot its kernel rank/frequency")
