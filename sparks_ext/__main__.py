@@ -1,4 +1,4 @@
-"""Command line: ``python -m sparks_ext demo | summary | bench``.
+"""Command line: ``python -m sparks_ext demo | powerlaw | summary | bench``.
 
 - ``demo``: trains a small Sparks network (0.56 bits per binary weight) on scikit-learn's 8x8
   digits, converts it, checks the converted outputs against the trained ones, saves it in the
