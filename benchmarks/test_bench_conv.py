@@ -5,12 +5,13 @@ Run the suite and the report with:
     pytest benchmarks --benchmark-json=benchmarks/results.json && \\
         python benchmarks/report.py benchmarks/results.json
 
-Every case runs in one process with 2 threads; extra_info records the layer, the BOPs
+Every case runs in one process with 2 threads (SPARKS_BENCH_THREADS overrides); extra_info records the layer, the BOPs
 (DESIGN.md section 3) and the weight bytes, which report.py turns into a table and a chart.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 
-THREADS = 2
+THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))  # issue 3 measures 2 threads
 
 
 @dataclass(frozen=True)
