@@ -151,6 +151,16 @@ def test_sparks_conv2d(benchmark, layer, batch, n):
 
 
 @pytest.mark.parametrize("layer,batch", CASES, ids=IDS)
+def test_sparks_conv2d_bf16(benchmark, layer, batch):
+    """bfloat16 channels_last in and out: the I/O of the bf16 baseline, half the bytes of fp32."""
+    n = 32
+    x = _input(layer, batch).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    codebook, indices = _codebook_case(layer, n)
+    _run(benchmark, lambda: sparks_ext.conv2d(x, codebook, indices, stride=layer.stride, padding=1),
+         layer, batch, "sparks conv2d bf16", codebook_bops(layer, n), codebook_weight_bytes(layer, n), n=n)
+
+
+@pytest.mark.parametrize("layer,batch", CASES, ids=IDS)
 def test_sparks_conv2d_nchw_int64(benchmark, layer, batch):
     """The same op fed plain NCHW float32 and int64 row-major indices (conversions per call)."""
     n = 32
