@@ -140,7 +140,12 @@ def main():
     text = markdown(data, rows, order)
     chart(rows, order, args.png)
     text += f"\n![latency chart]({pathlib.Path(args.png).name})\n"
-    pathlib.Path(args.out).write_text(text)
+    # A hand-written analysis after the marker survives regeneration.
+    out = pathlib.Path(args.out)
+    marker = "<!-- analysis -->"
+    if out.exists() and marker in out.read_text():
+        text += "\n" + marker + out.read_text().split(marker, 1)[1]
+    out.write_text(text)
     print(machine_line(data))
     print(text)
 
