@@ -22,7 +22,10 @@ def sources(pattern):
 def extension():
     cpp = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     cuda = sources("csrc/cuda/*.cu")
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`, so
+    # without it every kernel runs on one thread (the loader reuses torch's libgomp.so.1).
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     want_cuda = os.environ.get("SPARKS_FORCE_CPU", "0") != "1"
     has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if want_cuda and has_cuda and cuda:
@@ -33,12 +36,14 @@ def extension():
             "sparks_ext._C", cpp + cuda,
             define_macros=[("SPARKS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     reason = ("SPARKS_FORCE_CPU=1" if not want_cuda else
               "torch has no CUDA" if torch.version.cuda is None else
               "nvcc not found" if CUDA_HOME is None else "no CUDA sources")
     print(f"sparks_ext: building CPU kernels only ({reason}; torch {torch.__version__})")
-    return CppExtension("sparks_ext._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("sparks_ext._C", cpp, extra_compile_args={"cxx": cxx_flags},
+                        extra_link_args=link_flags)
 
 
 setup(

@@ -65,8 +65,9 @@ def markdown(data, rows, order):
              "int8 dense, 1 bit per binary weight, ceil(log2 n)-bit indices + codebook).", "",
              "Inputs: torch fp32 NCHW; bf16 channels_last; int8 quint8 channels_last (x86 engine); "
              "sparks ops float32 channels_last input, channels-last bool weight (binary), uint8 "
-             "indices stored (C_in, C_out) (conv2d). `NCHW/int64` = conv2d fed NCHW float32 and "
-             "int64 indices, paying both conversions per call.", ""]
+             "indices stored (C_in, C_out) (conv2d). `bf16` = conv2d with bfloat16 channels_last input "
+             "and output. `NCHW/int64` = conv2d fed NCHW float32 and int64 indices, paying both "
+             "conversions per call.", ""]
     head = ["layer", "batch"] + BASELINES + n_columns + extra + \
            [f"x {b.replace('torch ', '').replace('sparks ', '')}" for b in BASELINES] + \
            [f"BOPs (n={TARGET_N})", "BOPs (binary)", f"bytes (n={TARGET_N})", "bytes (binary)", "bytes (fp32)"]
@@ -139,7 +140,12 @@ def main():
     text = markdown(data, rows, order)
     chart(rows, order, args.png)
     text += f"\n![latency chart]({pathlib.Path(args.png).name})\n"
-    pathlib.Path(args.out).write_text(text)
+    # A hand-written analysis after the marker survives regeneration.
+    out = pathlib.Path(args.out)
+    marker = "<!-- analysis -->"
+    if out.exists() and marker in out.read_text():
+        text += "\n" + marker + out.read_text().split(marker, 1)[1]
+    out.write_text(text)
     print(machine_line(data))
     print(text)
 

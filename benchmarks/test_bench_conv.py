@@ -5,12 +5,13 @@ Run the suite and the report with:
     pytest benchmarks --benchmark-json=benchmarks/results.json && \\
         python benchmarks/report.py benchmarks/results.json
 
-Every case runs in one process with 2 threads; extra_info records the layer, the BOPs
+Every case runs in one process with 2 threads (SPARKS_BENCH_THREADS overrides); extra_info records the layer, the BOPs
 (DESIGN.md section 3) and the weight bytes, which report.py turns into a table and a chart.
 """
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 
-THREADS = 2
+THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))  # issue 3 measures 2 threads
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,16 @@ def test_sparks_conv2d(benchmark, layer, batch, n):
     codebook, indices = _codebook_case(layer, n)
     _run(benchmark, lambda: sparks_ext.conv2d(x, codebook, indices, stride=layer.stride, padding=1),
          layer, batch, "sparks conv2d", codebook_bops(layer, n), codebook_weight_bytes(layer, n), n=n)
+
+
+@pytest.mark.parametrize("layer,batch", CASES, ids=IDS)
+def test_sparks_conv2d_bf16(benchmark, layer, batch):
+    """bfloat16 channels_last in and out: the I/O of the bf16 baseline, half the bytes of fp32."""
+    n = 32
+    x = _input(layer, batch).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    codebook, indices = _codebook_case(layer, n)
+    _run(benchmark, lambda: sparks_ext.conv2d(x, codebook, indices, stride=layer.stride, padding=1),
+         layer, batch, "sparks conv2d bf16", codebook_bops(layer, n), codebook_weight_bytes(layer, n), n=n)
 
 
 @pytest.mark.parametrize("layer,batch", CASES, ids=IDS)

@@ -155,6 +155,18 @@ SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, 
   }
   return word;
 }
+
+// Same for channels-contiguous bfloat16: widened to float32 exactly (a 16-bit shift).
+SPARKS_AVX512 inline uint64_t pack_bf16_avx512(const uint16_t* x, int64_t count) {
+  uint64_t word = 0;
+  for (int64_t c = 0; c < count; c += 16) {
+    const int64_t left = std::min<int64_t>(16, count - c);
+    const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+    const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + c)), 16);
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(wide), _mm512_setzero_ps(), _CMP_GE_OQ)} << c;
+  }
+  return word;
+}
 #endif
 
 // Packs `cin_g` channels of one pixel (bytes or float32, channels contiguous) into `words` words.
@@ -183,25 +195,28 @@ void pack_row_portable(const uint8_t* bytes, int64_t s_w, int64_t pixels, int64_
 }
 
 #if defined(__x86_64__)
-SPARKS_AVX512 void pack_row_avx512(const uint8_t* bytes, const float* floats, int64_t s_c,
-                                   int64_t s_w, int64_t pixels, int64_t cin_g, int64_t words,
-                                   uint64_t* out) {
+SPARKS_AVX512 void pack_row_avx512(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w,
+                                   int64_t pixels, int64_t cin_g, int64_t words, uint64_t* out) {
   for (int64_t w = 0; w < pixels; ++w)
     for (int64_t k = 0; k < words; ++k) {
-      const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
-      out[w * words + k] = floats ? pack_floats_avx512(floats + w * s_w + 64 * k * s_c, count, s_c)
-                                  : pack_bytes_avx512(bytes + w * s_w + 64 * k, count);
+      const int64_t count = std::min<int64_t>(64, cin_g - 64 * k), at = w * s_w + 64 * k * s_c;
+      out[w * words + k] =
+          type == at::kFloat      ? pack_floats_avx512(static_cast<const float*>(src) + at, count, s_c)
+          : type == at::kBFloat16 ? pack_bf16_avx512(static_cast<const uint16_t*>(src) + at, count)
+                                  : pack_bytes_avx512(static_cast<const uint8_t*>(src) + at, count);
     }
 }
 #endif
 
-void pack_row(const uint8_t* bytes, const float* floats, int64_t s_c, int64_t s_w, int64_t pixels,
+// `src` holds 0/1 bytes (kBool), or float32 / bfloat16 values on the AVX-512 path.
+void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, int64_t pixels,
               int64_t cin_g, int64_t words, Isa isa, uint64_t* out) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return pack_row_avx512(bytes, floats, s_c, s_w, pixels, cin_g, words, out);
+  if (isa == Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, out);
 #endif
   (void)isa;
-  pack_row_portable(bytes, s_w, pixels, cin_g, words, out);
+  (void)s_c;
+  pack_row_portable(static_cast<const uint8_t*>(src), s_w, pixels, cin_g, words, out);
 }
 
 }  // namespace
@@ -235,16 +250,18 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
   }
 
   // float32 input is read directly (one compare per 16 channels: loads for channels_last,
-  // gathers with 32-bit offsets otherwise); anything else is binarized by ATen into
-  // channels-last bytes first.
+  // gathers with 32-bit offsets otherwise), and so is channels_last bfloat16; anything else is
+  // binarized by ATen into channels-last bytes first.
   const int64_t span = (input.size(1) - 1) * input.stride(1) + 16 * input.stride(1);
-  const bool direct = isa == Isa::kAvx512 && input.scalar_type() == at::kFloat &&
-                      input.stride(1) > 0 && span < (int64_t{1} << 31);
+  const bool direct = isa == Isa::kAvx512 &&
+                      ((input.scalar_type() == at::kFloat && input.stride(1) > 0 && span < (int64_t{1} << 31)) ||
+                       (input.scalar_type() == at::kBFloat16 && input.stride(1) == 1));
   const at::Tensor src = direct ? input : at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t s_n = src.stride(0), s_c = src.stride(1), s_h = src.stride(2), s_w = src.stride(3);
   TORCH_INTERNAL_ASSERT(direct || s_c == 1 || g.in_channels == 1);
-  const float* fsrc = direct ? input.data_ptr<float>() : nullptr;
-  const uint8_t* bsrc = direct ? nullptr : reinterpret_cast<const uint8_t*>(src.data_ptr<bool>());
+  const at::ScalarType type = src.scalar_type();
+  const char* base = static_cast<const char*>(src.data_ptr());
+  const int64_t item = src.element_size();
 
   // The pad pixel: all valid channel bits set for pad_value = +1, else 0.
   std::vector<uint64_t> pad(px.words, 0);
@@ -264,7 +281,7 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
         }
         if (pad_row) continue;
         const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
-        pack_row(bsrc ? bsrc + offset : nullptr, fsrc ? fsrc + offset : nullptr, s_c, s_w, g.in_w,
+        pack_row(base + offset * item, type, s_c, s_w, g.in_w,
                  cin_g, px.words, isa, out + g.pad_w * px.words);
       }
     }
@@ -442,6 +459,35 @@ SPARKS_AVX512 void store_f32_rows_avx512(float* out, int64_t s_h, int64_t s_w, i
   }
 }
 
+SPARKS_AVX512 inline __m512 widen_bf16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p))), 16));
+}
+
+// bfloat16 channels_last rows: float32 as above, rounded to nearest even (the results are finite).
+SPARKS_AVX512 void store_bf16_rows_avx512(uint16_t* out, int64_t s_h, int64_t s_w, int64_t out_w,
+                                          const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
+                                          int64_t cols, const c10::BFloat16* scale,
+                                          const c10::BFloat16* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = p0 + r;
+    uint16_t* dst = out + (p / out_w) * s_h + (p % out_w) * s_w;
+    const int32_t* src = tile + r * ld;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = std::min<int64_t>(16, cols - c);
+      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+      __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
+      if (scale) v = _mm512_mul_ps(v, widen_bf16(scale + c, m));
+      if (bias) v = _mm512_add_ps(v, widen_bf16(bias + c, m));
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_srli_epi32(
+          _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+      _mm256_mask_storeu_epi16(dst + c, m, _mm512_cvtepi32_epi16(rounded));
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -453,13 +499,22 @@ TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>
       out_w_(g.out_w) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "sparks_store",
                                   [&] { store_ = &TileWriter::store_impl<scalar_t>; });
-  f32_rows_avx512_ = isa == Isa::kAvx512 && output.scalar_type() == at::kFloat && output.stride(1) == 1;
+  fast_rows_ = isa == Isa::kAvx512 && output.stride(1) == 1 &&
+               (output.scalar_type() == at::kFloat || output.scalar_type() == at::kBFloat16);
 }
 
 void TileWriter::store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows,
                        int64_t co0, int64_t cols) const {
 #if defined(__x86_64__)
-  if (f32_rows_avx512_) {
+  if (fast_rows_ && output_.scalar_type() == at::kBFloat16) {
+    const at::Tensor& o = output_;
+    return store_bf16_rows_avx512(
+        reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>()) + n * o.stride(0) + co0, o.stride(2),
+        o.stride(3), out_w_, tile, ld, p0, rows, cols,
+        scale_.defined() ? scale_.data_ptr<at::BFloat16>() + co0 : nullptr,
+        bias_.defined() ? bias_.data_ptr<at::BFloat16>() + co0 : nullptr);
+  }
+  if (fast_rows_) {
     const at::Tensor& o = output_;
     return store_f32_rows_avx512(o.data_ptr<float>() + n * o.stride(0) + co0, o.stride(2), o.stride(3),
                                  out_w_, tile, ld, p0, rows, cols,

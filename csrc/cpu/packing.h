@@ -140,7 +140,7 @@ class TileWriter {
  private:
   at::Tensor output_, scale_, bias_;
   int64_t out_w_;
-  bool f32_rows_avx512_ = false;
+  bool fast_rows_ = false;  // AVX-512 stores of float32 / bfloat16 channels_last rows
   void (*store_)(const TileWriter&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                  int64_t);
   template <typename scalar_t>
