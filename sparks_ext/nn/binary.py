@@ -1,0 +1,179 @@
+"""Trainable 1-bit convolution (:class:`BinaryConv2d`) and its inference layer (:class:`XnorConv2d`).
+
+Both binarize the input by sign (sign(0) = +1) and zero-pad the binarized input, exactly like the
+library's ops. The trainable layer keeps latent real weights W; its kernels are sign(W) with the
+clipped straight-through gradient, scaled per output channel by alpha = mean |W| (XNOR-Net).
+Its forward runs the decode-to-dense path (``F.conv2d`` on the binarized input,
+``backend="dense"``, the default) or the dense XNOR op (``backend="op"``,
+:func:`sparks_ext.binary_conv2d` with its autograd); both give the same integer sums, then
+the same scale and bias. Its inference layer :class:`XnorConv2d` runs the op.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import IntOrPair, _pair, binary_conv2d
+from ..quantizers import sign, sign_ste
+from .codebook import CodebookConv2d, most_frequent_codebook, nearest_codeword
+
+__all__ = ["BinaryConv2d", "XnorConv2d"]
+
+
+class _ConvGeometry(nn.Module):
+    """The attributes every binary conv layer of the library exposes (see the contract in
+    sparks_ext.nn): in/out_channels, kernel_size, stride, padding, dilation (pairs), groups."""
+
+    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(_pair(kernel_size, "kernel_size"))
+        self.stride, self.padding = tuple(_pair(stride, "stride")), tuple(_pair(padding, "padding"))
+        self.dilation, self.groups = tuple(_pair(dilation, "dilation")), groups
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
+
+    def _geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.n_codewords is not None:
+            s += f", n_codewords={self.n_codewords}"
+        s += f" ({self.bits_per_weight:.2f} bits/weight)"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if getattr(self, "bias", None) is None:
+            s += ", bias=False"
+        return s
+
+
+class _LatentBinaryConv(_ConvGeometry):
+    """Shared by the trainable layers: latent weight, optional bias, scale, and the two forward
+    paths. Subclasses provide ``_binary_weight()``: the {-1,+1} kernels carrying gradients."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                 bias, backend):
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        if backend not in ("dense", "op"):
+            raise ValueError(f"backend must be 'dense' or 'op', got {backend!r}")
+        self.backend = backend
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def scale(self) -> torch.Tensor:
+        """alpha = mean |W| per output channel (differentiable)."""
+        return self.weight.abs().mean(dim=(1, 2, 3))
+
+    def _ste(self, binary: torch.Tensor) -> torch.Tensor:
+        """``binary`` in the forward pass; the gradient reaches the latent weights where
+        |W| <= 1 (clipped straight-through estimator)."""
+        clipped = self.weight.clamp(-1, 1)
+        return binary + (clipped - clipped.detach())
+
+    def _conv(self, x: torch.Tensor, weight_pm1: torch.Tensor) -> torch.Tensor:
+        alpha = self.scale().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        weight_pm1 = weight_pm1.to(x.dtype)
+        if self.backend == "op":
+            return binary_conv2d(x, weight_pm1, alpha, bias, *self._geometry())
+        # Integer sums are exact in float; then scale and bias, as the ops' epilogue does.
+        out = F.conv2d(sign_ste(x), weight_pm1, None, self.stride, self.padding, self.dilation, self.groups)
+        out = out * alpha[None, :, None, None]
+        return out if bias is None else out + bias[None, :, None, None]
+
+
+class BinaryConv2d(_LatentBinaryConv):
+    r"""Trainable 1-bit convolution: ``conv(sign(x), sign(W)) * mean|W| + bias``.
+
+    Args: as ``nn.Conv2d`` (``bias=False`` by default; BatchNorm usually follows), plus
+    ``backend`` for the training forward: ``"dense"`` (F.conv2d on the binarized input) or
+    ``"op"`` (:func:`sparks_ext.binary_conv2d` with its autograd).
+
+    ``to_inference()`` gives the :class:`XnorConv2d` computing the same outputs as eval mode
+    (same integer sums; scale and bias applied by the op);
+    ``to_inference(n_codewords=n)`` gives the frequency baseline: a
+    :class:`~sparks_ext.nn.CodebookConv2d` holding the n most frequent binary kernels, every
+    kernel mapped to its nearest one (as ``CodebookConv2d.from_conv2d``).
+    """
+
+    n_codewords = None
+    bits_per_weight = 1.0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
+                 stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                 groups: int = 1, bias: bool = False, backend: str = "dense"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, backend)
+
+    def _binary_weight(self) -> torch.Tensor:
+        return self._ste(sign(self.weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self._binary_weight())
+
+    @torch.no_grad()
+    def to_inference(self, n_codewords: Optional[int] = None):
+        if n_codewords is None:
+            layer = XnorConv2d(self.in_channels, self.out_channels, self.kernel_size, *self._geometry(),
+                               bias=self.bias is not None)
+            layer.weight.copy_(self.weight >= 0)
+            return _fill_scale_bias(layer, self)
+        codebook = most_frequent_codebook(self.weight, n_codewords)
+        return codebook_layer(self, codebook, nearest_codeword(self.weight, codebook))
+
+
+class XnorConv2d(_ConvGeometry):
+    r"""Inference 1-bit convolution running :func:`sparks_ext.binary_conv2d`.
+
+    Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1; ``scale`` and ``bias``
+    float32 (C_out,), cast to the input's dtype in ``forward``.
+    """
+
+    n_codewords = None
+    bits_per_weight = 1.0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
+                 stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                 groups: int = 1, bias: bool = True):
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool))
+        self.register_buffer("scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return binary_conv2d(x, self.weight, self.scale.to(x.dtype), bias, *self._geometry())
+
+
+def _fill_scale_bias(layer, trained):
+    layer.scale.copy_(trained.scale().detach().float())
+    if trained.bias is not None:
+        layer.bias.copy_(trained.bias.detach().float())
+    return layer.to(trained.weight.device)
+
+
+@torch.no_grad()
+def codebook_layer(trained: _LatentBinaryConv, codebook: torch.Tensor, indices: torch.Tensor) -> CodebookConv2d:
+    """The :class:`CodebookConv2d` with ``trained``'s geometry, scale and bias, the given
+    {-1,+1} codebook (n, kh, kw) and indices (C_out, C_in/groups)."""
+    layer = CodebookConv2d(trained.in_channels, trained.out_channels, trained.kernel_size,
+                           codebook.shape[0], *trained._geometry(), bias=trained.bias is not None)
+    layer.codebook.copy_(codebook.to(torch.int8))
+    layer.indices.copy_(indices.to(torch.int32))
+    return _fill_scale_bias(layer, trained)
