@@ -158,3 +158,19 @@ def test_bad_configurations_raise(kwargs, match):
     if "backend" not in kwargs and "n_codewords" not in kwargs:
         with pytest.raises(ValueError, match=match):
             ExpertCodebookConv2d(**args)
+
+
+def test_short_digits_training_beats_chance_and_deploys_exactly():
+    from digits_training import accuracy, digits, fit, small_cnn
+
+    torch.manual_seed(0)
+    data = digits()
+    model = small_cnn(lambda *g: ExpertBinaryConv2d(*g, n_experts=4))
+    fit(model, torch.optim.Adam(model.parameters(), lr=1e-2), data)
+    acc = accuracy(model, data)
+    assert acc > 0.6  # chance is 0.1
+    for block in model.layers:
+        block.conv1, block.conv2 = block.conv1.to_inference(), block.conv2.to_inference()
+    assert accuracy(model, data) == acc
+    usage = model.layers[0].conv1.usage
+    assert usage.sum() == 450

@@ -220,3 +220,19 @@ def test_bad_schedule_arguments_raise():
         ede_parameters(0.5, t_min=0.0)
     with pytest.raises(ValueError, match="threshold"):
         signed_binarize(torch.randn(2, 2, 3, 3), threshold=2.0)
+
+
+def test_short_digits_training_beats_chance_and_deploys_exactly():
+    from digits_training import accuracy, digits, fit, small_cnn
+
+    torch.manual_seed(0)
+    data = digits()
+    model = small_cnn(lambda *g: SignedBinaryConv2d(*g, gradient="ede"))
+    fit(model, torch.optim.Adam(model.parameters(), lr=1e-2), data,
+        on_step=lambda p: set_ede_progress(model, p))
+    acc = accuracy(model, data)
+    assert acc > 0.6  # chance is 0.1
+    for block in model.layers:
+        assert 0.05 < block.conv1.density < 0.95
+        block.conv1, block.conv2 = block.conv1.to_inference(), block.conv2.to_inference()
+    assert accuracy(model, data) == acc
