@@ -13,7 +13,9 @@ Every network is the SmallCNN of examples/train_digits.py (real stem and classif
   of n masks): SignedBinaryConv2d;
 - EBConv: ExpertBinaryConv2d with 4 experts, 1-bit or sharing a Sparks codebook.
 Test accuracy is measured after converting every method layer with ``to_inference()`` (so
-through sparks_ext.conv2d) and checked equal to the eval-mode accuracy.
+through sparks_ext.conv2d) and checked equal to the eval-mode accuracy. "codewords at inference"
+is the codebook size of the deployed method layers (mean over the four block convs): the
+distinct ternary kernels of a signed layer, the shared codebook of an expert layer.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from sparks_ext.models import SmallCNN
-from sparks_ext.nn import BinaryConv2d, ExpertBinaryConv2d, ExpertCodebookConv2d, SignedBinaryConv2d
+from sparks_ext.nn import (BinaryConv2d, ExpertBinaryConv2d, ExpertCodebookConv2d, SignedBinaryConv2d,
+                           SignedCodebookConv2d)
 from sparks_ext.nn.signed import set_ede_progress
 from sparks_ext.optim import Bop
 from sparks_ext.selection import TemperatureSchedule, set_temperature
@@ -154,7 +157,7 @@ def main():
     torch.set_num_threads(args.threads)
     data = load_data()
 
-    results, densities, usage = {}, {}, {}
+    results, densities, usage, codewords = {}, {}, {}, {}
     start = time.time()
     for seed in args.seeds:
         for name in args.runs:
@@ -173,6 +176,9 @@ def main():
             acc = accuracy(deployed, data)
             if acc != eval_acc:  # to_inference() is exact, so this would be a bug
                 print(f"WARNING {name}: deployed accuracy {acc} != eval accuracy {eval_acc}", flush=True)
+            books = [m.n_codewords for m in method_layers(deployed, (SignedCodebookConv2d, ExpertCodebookConv2d))]
+            if books:
+                codewords.setdefault(name, []).append(statistics.mean(books))
             experts = method_layers(deployed, ExpertCodebookConv2d)
             if experts:
                 usage.setdefault(name, []).append([m.usage.tolist() for m in experts])
@@ -186,13 +192,15 @@ def main():
              f"{args.epochs} epochs, seeds {args.seeds}; mean ± std (min-max), measured after "
              f"to_inference() (sparks_ext.conv2d); row \"1-bit (Bop)\" uses gamma={args.bop_gamma:g}, tau={args.bop_tau:g}. "
              f"Wall time {elapsed:.0f} s.", "",
-             "| network | accuracy % | min-max | density (non-zero weights) |", "|---|---|---|---|"]
+             "| network | accuracy % | min-max | density (non-zero weights) | codewords at inference |",
+             "|---|---|---|---|---|"]
     for name in args.runs:
         accs = results[name]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         density = f"{100 * statistics.mean(densities[name]):.1f}%" if name in densities else "100%"
+        books = f"{statistics.mean(codewords[name]):.0f}" if name in codewords else "-"
         lines.append(f"| {name} | {statistics.mean(accs):.2f} ± {spread:.2f} | "
-                     f"{min(accs):.2f}-{max(accs):.2f} | {density} |")
+                     f"{min(accs):.2f}-{max(accs):.2f} | {density} | {books} |")
     for name, per_seed in usage.items():
         lines += ["", f"Expert usage on the 450 test images, {name} (samples per expert, "
                   "per block conv, seed by seed):", "",
