@@ -24,7 +24,7 @@ GEOMETRIES = [
 ]
 VARIANTS = [
     dict(),
-    dict(n_experts=3, gate="sigmoid"),
+    dict(n_experts=3, gate_activation="sigmoid"),
     dict(n_codewords=16, hungarian_every=2),
 ]
 
@@ -87,7 +87,7 @@ def test_training_forward_is_the_winners_output_and_matches_eval():
 @pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
 def test_gate_gets_the_straight_through_gradient(gate):
     torch.manual_seed(0)
-    layer = ExpertBinaryConv2d(6, 5, 3, padding=1, n_experts=3, gate=gate)
+    layer = ExpertBinaryConv2d(6, 5, 3, padding=1, n_experts=3, gate_activation=gate)
     x = torch.randn(7, 6, 5, 5)
     layer(x).square().sum().backward()
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_empty_batch_channels_last_and_state_dict_round_trip():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_experts=0), "n_experts"), (dict(n_experts=-2), "n_experts"),
     (dict(n_experts=2.5), "n_experts"), (dict(n_experts=True), "n_experts"),
-    (dict(gate="relu"), "gate"), (dict(n_codewords=0), "n_codewords"),
+    (dict(gate_activation="relu"), "gate_activation"), (dict(n_codewords=0), "n_codewords"),
     (dict(groups=3), "groups"), (dict(backend="cuda"), "backend"),
 ])
 def test_bad_configurations_raise(kwargs, match):

@@ -34,18 +34,18 @@ from .sparks import SparksConv2d
 
 __all__ = ["ExpertBinaryConv2d", "ExpertCodebookConv2d"]
 
-GATES = ("softmax", "sigmoid")
+GATE_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 class _Experts(_ConvGeometry):
     """What both expert layers share: the gate, the expert counter and the routed forward."""
 
-    def _init_experts(self, n_experts: int, gate: str):
+    def _init_experts(self, n_experts: int, gate_activation: str):
         if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
             raise ValueError(f"n_experts must be an int >= 1, got {n_experts!r}")
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        self.n_experts, self.gate_fn = n_experts, gate
+        if gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation must be one of {GATE_ACTIVATIONS}, got {gate_activation!r}")
+        self.n_experts, self.gate_activation = n_experts, gate_activation
         self.gate = nn.Linear(self.in_channels, n_experts)
         # How many samples each expert has received since the last reset_usage(); not saved.
         self.register_buffer("usage", torch.zeros(n_experts, dtype=torch.int64), persistent=False)
@@ -83,7 +83,7 @@ class _Experts(_ConvGeometry):
         return out
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, gate={self.gate_fn!r}, " + super().extra_repr()
+        return f"n_experts={self.n_experts}, gate_activation={self.gate_activation!r}, " + super().extra_repr()
 
 
 class ExpertBinaryConv2d(_Experts):
@@ -91,8 +91,8 @@ class ExpertBinaryConv2d(_Experts):
 
     Args: as ``nn.Conv2d`` (``bias=False`` by default), plus
         n_experts: number of experts N >= 1 (default 4).
-        gate: ``"softmax"`` or ``"sigmoid"``, the gate's activation (its backward; the forward
-            is one-hot either way).
+        gate_activation: ``"softmax"`` or ``"sigmoid"`` after the gate (it shapes the backward
+            pass; the forward is one-hot either way).
         n_codewords: None for 1-bit experts, or n for a Sparks codebook of n codewords shared by
             all experts; further keyword arguments go to the experts' layer
             (:class:`~sparks_ext.nn.SparksConv2d` or :class:`~sparks_ext.nn.BinaryConv2d`).
@@ -105,11 +105,12 @@ class ExpertBinaryConv2d(_Experts):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
-                 groups: int = 1, bias: bool = False, n_experts: int = 4, gate: str = "softmax",
+                 groups: int = 1, bias: bool = False, n_experts: int = 4,
+                 gate_activation: str = "softmax",
                  n_codewords: Optional[int] = None, **expert_kwargs):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        self._init_experts(n_experts, gate)
+        self._init_experts(n_experts, gate_activation)
         geometry = (self.stride, self.padding, self.dilation, groups)
         if n_codewords is None:
             self.experts = BinaryConv2d(in_channels, n_experts * out_channels, self.kernel_size,
@@ -155,7 +156,7 @@ class ExpertBinaryConv2d(_Experts):
         if not self.training:
             codebook, indices, scale, bias = self.inference_parts()
             return self._routed(x, winners, codebook.to(torch.int8), indices, scale, bias)
-        probs = logits.softmax(dim=1) if self.gate_fn == "softmax" else logits.sigmoid()
+        probs = logits.softmax(dim=1) if self.gate_activation == "softmax" else logits.sigmoid()
         gates = F.one_hot(winners, self.n_experts).to(probs.dtype) + (probs - probs.detach())
         y = self.experts(x)  # (B, C_out * N, H, W), channel c * N + e from expert e
         y = y.reshape(y.shape[0], self.out_channels, self.n_experts, *y.shape[2:])
@@ -167,7 +168,7 @@ class ExpertBinaryConv2d(_Experts):
         layer = ExpertCodebookConv2d(self.in_channels, self.out_channels, self.kernel_size,
                                      codebook.shape[0], self.stride, self.padding, self.dilation,
                                      self.groups, bias=bias is not None, n_experts=self.n_experts,
-                                     gate=self.gate_fn)
+                                     gate_activation=self.gate_activation)
         layer.gate.load_state_dict(self.gate.state_dict())
         layer.codebook.copy_(codebook.to(torch.int8))
         layer.indices.copy_(indices.to(torch.int32))
@@ -189,10 +190,10 @@ class ExpertCodebookConv2d(_Experts):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  n_codewords: int = 32, stride: IntOrPair = 1, padding: IntOrPair = 0,
                  dilation: IntOrPair = 1, groups: int = 1, bias: bool = True, n_experts: int = 4,
-                 gate: str = "softmax"):
+                 gate_activation: str = "softmax"):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        self._init_experts(n_experts, gate)
+        self._init_experts(n_experts, gate_activation)
         if n_codewords < 1:
             raise ValueError(f"n_codewords must be at least 1, got {n_codewords}")
         kh, kw = self.kernel_size
