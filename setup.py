@@ -51,7 +51,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib"],
         "plot": ["matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
     },

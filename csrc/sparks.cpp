@@ -12,4 +12,6 @@ TORCH_LIBRARY(sparks, m) {
   m.def(
       "binary_conv2d(Tensor input, Tensor weight, Tensor? scale, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, float pad_value) -> Tensor");
+  // The CPU kernel families this machine can run ("portable", "avx2", "avx512").
+  m.def("cpu_kernels() -> str[]");
 }

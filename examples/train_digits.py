@@ -23,7 +23,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from sparks_ext.models import SmallCNN
-from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d
+from sparks_ext.nn import CodebookConv2d, SparksConv2d
 from sparks_ext.packing import kernels_to_ids
 from sparks_ext.selection import TemperatureSchedule, set_temperature
 

@@ -6,7 +6,12 @@ response once per input patch and gathering the responses by index.
 """
 from . import models, nn, optim, packing, quantizers, reference, selection
 from .ops import binary_conv2d, conv2d
+from . import analysis
+from .convert import convert
+from .serialization import load, save
+from .summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["conv2d", "binary_conv2d", "nn", "packing", "reference", "quantizers", "selection", "models", "optim"]
+__all__ = ["conv2d", "binary_conv2d", "nn", "packing", "reference", "quantizers", "selection", "models",
+           "convert", "summary", "save", "load", "analysis", "optim"]

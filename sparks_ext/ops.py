@@ -15,7 +15,7 @@ from . import _C  # noqa: F401  (loads the library and registers torch.ops.spark
 
 IntOrPair = Union[int, Sequence[int]]
 
-__all__ = ["conv2d", "binary_conv2d"]
+__all__ = ["conv2d", "binary_conv2d", "cpu_kernels"]
 
 
 def _pair(value: IntOrPair, name: str) -> list[int]:
@@ -96,6 +96,14 @@ def binary_conv2d(
     return torch.ops.sparks.binary_conv2d.default(
         input, weight, scale, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), int(groups), float(pad_value))
+
+
+def cpu_kernels() -> list[str]:
+    """The CPU kernel families this machine can run, slowest first: a subset of
+    ``["portable", "avx2", "avx512"]``. The environment variable ``SPARKS_CPU_KERNEL``
+    (``auto`` | ``avx512`` | ``avx2`` | ``portable``, read at every call) forces one; all give
+    identical results."""
+    return list(torch.ops.sparks.cpu_kernels.default())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["sinkhorn", "gumbel_noise", "hungarian", "pste", "TemperatureSchedule",
            "set_temperature"]
@@ -63,6 +62,8 @@ def gumbel_noise(shape, generator: torch.Generator, dtype=torch.float32, device=
 def hungarian(soft: torch.Tensor) -> torch.Tensor:
     """The hard selection that best matches the soft one: for P (n, M), the n distinct column
     indices (row i -> column cols[i]) maximising sum_i log P[i, cols[i]], as int64 on P's device."""
+    from scipy.optimize import linear_sum_assignment  # imported here: keeps `import sparks_ext` light
+
     score = soft.detach().double().clamp_min(1e-300).log().cpu().numpy()
     rows, cols = linear_sum_assignment(score, maximize=True)
     out = np.empty(soft.shape[0], dtype=np.int64)

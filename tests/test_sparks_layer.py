@@ -24,6 +24,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 GEOMETRIES = [
     dict(in_channels=8, out_channels=12, padding=1),
     dict(in_channels=6, out_channels=9, stride=2, padding=(1, 0), dilation=(1, 2)),
@@ -225,3 +226,21 @@ def test_bad_arguments_raise_value_errors():
         BinaryConv2d(4, 4, 3, backend="cuda")
     with pytest.raises(ValueError, match="kernel_size"):
         SparksConv2d(4, 4, 5)
+
+
+def test_binary_conv_straight_through_gradients():
+    torch.manual_seed(0)
+    layer = BinaryConv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        layer.weight[1, 2, 0, 1] = -1.5  # outside the clip
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    g = torch.randn(2, 6, 5, 5)
+    (layer(x) * g).sum().backward()
+    w = layer.weight.detach()
+    xb = torch.where(x.detach() >= 0, 1.0, -1.0).requires_grad_(True)
+    dense = torch.where(w >= 0, 1.0, -1.0).requires_grad_(True)
+    latent = w.clone().requires_grad_(True)
+    alpha = latent.abs().mean(dim=(1, 2, 3))
+    (nn.functional.conv2d(xb, dense, padding=1) * alpha[None, :, None, None] * g).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, dense.grad * (w.abs() <= 1) + latent.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xb.grad * (x.detach().abs() <= 1), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,9 @@
 // CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
+// Dispatch: with n <= 64 codewords and kh * kw <= 10 taps, the AVX-512 and AVX2 paths run the
+// LUT kernel (codebook_lut.h, codebook_conv_avx512.cpp); the portable path, and every path for
+// larger codebooks or kernels, runs the kernel below. All give identical integers.
+//
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
 // (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
 // patch once with XOR + popcount, then let every output channel gather and sum, over its
@@ -13,6 +17,8 @@
 #include <vector>
 
 #include "../conv_args.h"
+#include "codebook_lut.h"
+#include "cpu_features.h"
 #include "packing.h"
 
 namespace sparks {
@@ -85,11 +91,17 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
                       double pad_value) {
   const ConvGeometry g = check_codebook_conv2d_args(input, codebook, indices, scale, bias, stride,
                                                     padding, dilation, groups, pad_value);
+  const Isa isa = selected_isa();
   const PackedCodebook cb = pack_codebook(codebook);
-  const at::Tensor idx = checked_indices(indices, cb.size());
+  check_index_range(indices, cb.size());
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
+  if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
+    codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g, isa), isa);
+    return output;
+  }
+  const at::Tensor idx = indices.to(at::kInt).contiguous();
   const at::Tensor bits = binarize_input(input);
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();

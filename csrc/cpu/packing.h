@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../conv_args.h"
+#include "cpu_features.h"
 
 namespace sparks {
 namespace cpu {
@@ -76,6 +77,75 @@ struct Epilogue {
     if (bias) v = v + static_cast<opmath_t>(bias[co]);
     out[n * s_n + co * s_c + oh * s_h + ow * s_w] = static_cast<scalar_t>(v);
   }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Channel-packed layout used by the fast kernels (binary_conv2d and the LUT codebook kernel).
+//
+// The binarized, padded input of each (n, group) is a (Hp, Wp) grid of pixels, Hp = H + 2 pad_h,
+// Wp = W + 2 pad_w; a pixel is `words` 64-bit words whose bit c % 64 of word c / 64 is input
+// channel group * C_in/groups + c (set = +1). Bits past C_in/groups are 0. Padding pixels hold
+// all ones for pad_value = +1 and zeros otherwise; for pad_value = 0 the kernels also need the
+// validity of each tap (tap_pixels below), since zero is neither bit.
+struct PackedPixels {
+  at::Tensor storage;  // uint64 (N, G, Hp, Wp, words)
+  const uint64_t* data;
+  int64_t groups, hp, wp, words;
+  int64_t stride_h, stride_w;
+  // Word offset of each tap's pixel from the window's top-left pixel; taps inside the image by
+  // output row and by output column (all ones unless pad_value = 0).
+  std::vector<int64_t> tap_offset;
+  std::vector<uint64_t> row_valid, col_valid;
+
+  const uint64_t* pixel(int64_t n, int64_t grp, int64_t h, int64_t w) const {
+    return data + (((n * groups + grp) * hp + h) * wp + w) * words;
+  }
+};
+
+// Binarizes (x >= 0 is +1; NaN is -1, like the reference) and packs `input` in any memory
+// format and float dtype. Parallel over rows; `isa` only picks the instructions.
+PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa);
+
+// The pixel of each tap of output position (oh, ow), tap t = i * kw + j, and the mask of taps
+// that fall inside the image (all taps when pad_value != 0). Returns the mask.
+inline uint64_t tap_pixels(const PackedPixels& px, int64_t n, int64_t grp, int64_t oh, int64_t ow,
+                           const uint64_t** pixels) {
+  const uint64_t* corner = px.pixel(n, grp, oh * px.stride_h, ow * px.stride_w);
+  for (size_t t = 0; t < px.tap_offset.size(); ++t) pixels[t] = corner + px.tap_offset[t];
+  return px.row_valid[oh] & px.col_valid[ow];
+}
+
+// A dense weight (C_out, C_in/groups, kh, kw), bool or real in {-1, +1} (else ValueError naming
+// `weight`), as uint64 (C_out, kh * kw, words): the channel bits of each (output channel, tap).
+at::Tensor pack_weight_channels(const at::Tensor& weight, Isa isa);
+
+// Checks that every index lies in [0, n) (ValueError naming `indices`) without converting.
+void check_index_range(const at::Tensor& indices, int64_t n);
+
+// Range-checked (C_out, C_in/groups) indices as a uint8 (C_in/groups, C_out) row-major table:
+// one row of output channels per input channel. Free for uint8 indices stored that way
+// (indices.t() contiguous), as a layer can keep them.
+at::Tensor index_table(const at::Tensor& indices);
+
+// Writes int32 result tiles to the output in its dtype and memory format, applying scale and
+// bias like Epilogue. A tile is rows x cols values, row r = flat output position p0 + r
+// (p = oh * out_w + ow), column c = output channel co0 + c, row stride ld.
+class TileWriter {
+ public:
+  TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,
+             const c10::optional<at::Tensor>& bias, const ConvGeometry& g, Isa isa);
+  void store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows, int64_t co0,
+             int64_t cols) const;
+
+ private:
+  at::Tensor output_, scale_, bias_;
+  int64_t out_w_;
+  bool f32_rows_avx512_ = false;
+  void (*store_)(const TileWriter&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                 int64_t);
+  template <typename scalar_t>
+  static void store_impl(const TileWriter& w, const int32_t* tile, int64_t ld, int64_t n,
+                         int64_t p0, int64_t rows, int64_t co0, int64_t cols);
 };
 
 }  // namespace cpu

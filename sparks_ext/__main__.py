@@ -1,0 +1,275 @@
+"""Command line: ``python -m sparks_ext demo | powerlaw | summary | bench``.
+
+- ``demo``: trains a small Sparks network (0.56 bits per binary weight) on scikit-learn's 8x8
+  digits, converts it, checks the converted outputs against the trained ones, saves it in the
+  compact format, and prints accuracy, bits per weight, file size, the summary table and a
+  latency comparison against the same network with float convolutions.
+- ``summary``: the per-layer table of the binary ResNet-18 at 224x224 and its BOPs for
+  1-bit and n = 64 / 32 / 16.
+- ``powerlaw``: trains a 1-bit network on the digits and plots how often each of the 512 binary
+  3x3 kernels occurs per layer (log-log rank/frequency, PNG; needs matplotlib).
+- ``bench``: the layer benchmarks of a source checkout (``pytest benchmarks``, a few minutes)
+  and their report (``benchmarks/report.py``: RESULTS.md and a chart).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import convert
+from .serialization import read_header, save, load
+from .summary import summary
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+def _digits(seed: int):
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise SystemExit("the demo trains on scikit-learn's digits: pip install scikit-learn") from None
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(data.target)
+    train, test = train_test_split(range(len(y)), test_size=0.2, random_state=seed, stratify=y)
+    return x[train], y[train], x[test], y[test]
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward pass, after warm-up."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _train(model, x, y, epochs: int, batch_size: int, lr: float, seed: int, quiet: bool):
+    from tqdm import tqdm
+    from .selection import TemperatureSchedule, set_temperature
+
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(y) // batch_size)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=total)
+    tau = TemperatureSchedule(1.0, 0.05, total)
+    model.train()
+    bar = tqdm(total=total, desc="training", unit="step", disable=quiet, dynamic_ncols=True)
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for i in range(0, len(y), batch_size):
+            batch = order[i:i + batch_size]
+            set_temperature(model, tau(step))
+            logits = model(x[batch])
+            loss = nn.functional.cross_entropy(logits, y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_schedule.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+def demo(args) -> int:
+    from .models import SmallCNN
+
+    torch.manual_seed(args.seed)
+    x_train, y_train, x_test, y_test = _digits(args.seed)
+    print(f"sklearn digits: {len(y_train)} training and {len(y_test)} test images of 8x8; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # Five Sinkhorn iterations per step are plenty for 32 of 512 codewords on this small task.
+    model = SmallCNN(conv="sparks", n_codewords=args.n_codewords, width=args.width, image_size=8,
+                     conv_kwargs=dict(sinkhorn_iters=5))
+    threads = torch.get_num_threads()
+    # The network is tiny: each op is too small to gain from threads, and on a busy machine
+    # their synchronisation costs more than the op, so training runs on --train-threads.
+    torch.set_num_threads(args.train_threads)
+    start = time.perf_counter()
+    try:
+        _train(model, x_train, y_train, args.epochs, args.batch_size, args.lr, args.seed, args.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s "
+          f"({args.train_threads} thread{'s' if args.train_threads > 1 else ''})")
+
+    with torch.no_grad():
+        trained_logits = model(x_test)
+        converted = convert(model)
+        converted_logits = converted(x_test)
+    accuracy = _accuracy(trained_logits, y_test)
+    diff = (converted_logits - trained_logits).abs().max().item()
+    agree = (converted_logits.argmax(1) == trained_logits.argmax(1)).float().mean().item()
+    ok = torch.allclose(converted_logits, trained_logits, rtol=1e-4, atol=1e-4) and agree == 1.0
+    print(f"test accuracy: {100 * accuracy:.1f}% (converted model: "
+          f"{100 * _accuracy(converted_logits, y_test):.1f}%)")
+    print(f"converted vs trained outputs: max |diff| {diff:.2e}, same predictions on "
+          f"{100 * agree:.1f}% -> {'OK' if ok else 'MISMATCH'}")
+
+    info = summary(converted, (1, 8, 8), name="SmallCNN (Sparks, converted)")
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "sparks_digits.spk"
+    size = save(converted, out)
+    header_bytes = read_header(out)["header_bytes"]
+    reloaded = load(out, SmallCNN(conv="sparks", n_codewords=args.n_codewords, width=args.width)).eval()
+    with torch.no_grad():
+        exact = torch.equal(reloaded(x_test), converted_logits)
+    print(f"bits per binary weight: {math.log2(args.n_codewords) / 9:.3f} for the indices, "
+          f"{info.binary_bits_per_weight:.3f} with the codebooks")
+    print(f"saved {out}: {size:,} bytes = theoretical {info.memory_bytes:,.0f} (indices at "
+          f"ceil(log2 n) bits, codebooks at 1 bit, real tensors at their width) + header "
+          f"{header_bytes} + {size - info.memory_bytes - header_bytes:,.0f} (framing, integer "
+          f"counters); float32 would take {info.float32_bytes:,} bytes; reloaded outputs "
+          f"{'identical' if exact else 'DIFFER'}")
+    print()
+    print(info)
+    print()
+
+    # Latency does not depend on the weights' values: untrained float and 1-bit twins will do.
+    batch = x_test[: args.latency_batch]
+    repeats = args.latency_repeats
+    timings = {
+        "float": _latency_ms(SmallCNN(conv="float", width=args.width).eval(), batch, repeats),
+        "1-bit XNOR": _latency_ms(convert(SmallCNN(conv="binary", width=args.width).eval()), batch, repeats),
+        f"Sparks n={args.n_codewords}": _latency_ms(converted, batch, repeats),
+    }
+    print(f"latency of SmallCNN, batch {len(batch)}, {torch.get_num_threads()} threads, median of "
+          f"{repeats}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
+          + f" (Sparks vs float: {timings['float'] / timings[f'Sparks n={args.n_codewords}']:.2f}x)")
+    return 0 if ok and exact else 1
+
+
+def powerlaw(args) -> int:
+    from . import analysis
+    from .models import SmallCNN
+
+    torch.manual_seed(args.seed)
+    x_train, y_train, x_test, y_test = _digits(args.seed)
+    model = SmallCNN(conv="binary", width=args.width, image_size=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.train_threads)
+    try:
+        _train(model, x_train, y_train, args.epochs, args.batch_size, args.lr, args.seed, args.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        accuracy = _accuracy(model(x_test), y_test)
+    histograms = analysis.codeword_histogram(model)
+    print(f"1-bit SmallCNN (width {args.width}) on digits: test accuracy {100 * accuracy:.1f}%")
+    print(f"{'layer':<16} {'kernels':>8} {'distinct':>9} {'top-32 share':>13} {'slope':>7}")
+    for name, counts in histograms.items():
+        top = counts.sort(descending=True).values[:32].sum() / counts.sum()
+        print(f"{name:<16} {int(counts.sum()):>8} {int((counts > 0).sum()):>9} {100 * top:>12.1f}% "
+              f"{analysis.power_law_exponent(counts):>7.2f}")
+    analysis.plot_rank_frequency(histograms, args.out,
+                                 title="Binary 3x3 kernels of a 1-bit CNN trained on digits")
+    print(f"saved {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# summary, bench
+
+def resnet18_summaries(input_size: int = 224):
+    """Summaries of the binary ResNet-18 for 1-bit and n = 64 / 32 / 16 codewords."""
+    from .models import resnet18
+
+    torch.manual_seed(0)
+    configs = [("1-bit", dict(conv="binary")), *((f"n={n}", dict(conv="sparks", n_codewords=n))
+                                                 for n in (64, 32, 16))]
+    return {label: summary(resnet18(**kw), (3, input_size, input_size), name=f"ResNet-18 ({label})")
+            for label, kw in configs}
+
+
+def summary_command(args) -> int:
+    results = resnet18_summaries(args.input_size)
+    print(results[args.show])
+    print()
+    print(f"{'ResNet-18':<10} {'bits/weight':>11} {'memory':>10} {'BOPs':>10} {'FLOPs':>10} {'OPs':>10}")
+    for label, s in results.items():
+        print(f"{label:<10} {s.binary_bits_per_weight:>11.3f} {s.memory_bytes / 2 ** 20:>6.2f} MiB "
+              f"{s.bops:>10.4g} {s.flops:>10.4g} {s.ops:>10.4g}")
+    return 0
+
+
+def bench(args) -> int:
+    """Runs the pytest-benchmark suite into a JSON, then the report on it (benchmarks/README in
+    the main README: ``pytest benchmarks --benchmark-json=... && python benchmarks/report.py``)."""
+    root = Path(__file__).resolve().parent.parent
+    suite, report = root / "benchmarks", root / "benchmarks" / "report.py"
+    if not report.exists():
+        print(f"the benchmarks are part of the source checkout ({report} not found)", file=sys.stderr)
+        return 2
+    results = suite / "results.json"
+    code = subprocess.call([sys.executable, "-m", "pytest", str(suite), f"--benchmark-json={results}",
+                            *args.pytest_args], cwd=root)
+    if code != 0:
+        return code
+    return subprocess.call([sys.executable, str(report), str(results)], cwd=root)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparks_ext", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="train, convert, save and time a Sparks network on sklearn digits")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--n-codewords", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--train-threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="where to save the model (default: a temporary directory)")
+    p.add_argument("--latency-batch", type=int, default=256)
+    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("powerlaw", help="train a 1-bit CNN on digits and plot its kernel rank/frequency")
+    p.add_argument("--out", default="power_law.png")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--train-threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=powerlaw)
+    p = sub.add_parser("summary", help="per-layer table and BOPs of the binary ResNet-18")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32")
+    p.set_defaults(func=summary_command)
+    p = sub.add_parser("bench", help="run the layer benchmarks (benchmarks/, a few minutes) and "
+                                     "their report; further arguments go to pytest, e.g. -k 'batch1'")
+    p.set_defaults(func=bench)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.pytest_args = rest
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

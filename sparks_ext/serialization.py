@@ -1,0 +1,350 @@
+"""A compact, pickle-free file format for converted models.
+
+``save(model, path)`` stores the converted model's state dict with every tensor in its smallest
+exact form:
+
+- codebook indices (an ``indices`` tensor beside a ``codebook``) at ceil(log2 n) bits each;
+- binary int8 tensors (codebooks with entries in {-1,+1}) at 1 bit per entry, ternary ones
+  ({-1,0,+1}, signed-binary codebooks and masks) as a mask bit plane plus a sign bit plane;
+- bool tensors (XnorConv2d weights) at 1 bit per entry;
+- everything else (real parameters, BatchNorm statistics) raw, in its own dtype.
+
+So a 0.56-bit model takes its theoretical size plus a small header. Layout::
+
+    b"SPARKSX\\x00"  magic                      8 bytes
+    version        uint32 little-endian        4
+    header_len     uint32                      4
+    payload_len    uint64                      8
+    header         zlib-compressed JSON        header_len
+    payload        the tensors, in order       payload_len
+    crc32          of all the bytes above      4
+
+The header lists each tensor (name, encoding, dtype, shape, byte count) and, when the model is
+built only from ``torch.nn`` and ``sparks_ext`` layers, a description of the architecture, so
+that ``load(path)`` can rebuild it; otherwise pass the architecture: ``load(path, model)``.
+Loading parses JSON and bytes only and never runs code named by the file: classes are looked
+up by name in ``torch.nn``, ``sparks_ext.nn`` and ``sparks_ext.models`` only. A truncated,
+corrupted or mismatched file raises ``ValueError`` saying what is wrong.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import struct
+import zlib
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import packing
+from .convert import convert, is_trainable_layer
+
+__all__ = ["save", "load", "read_header"]
+
+MAGIC = b"SPARKSX\x00"
+VERSION = 1
+_PREAMBLE = struct.Struct("<8sIIQ")
+_CRC = struct.Struct("<I")
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor encodings. Each returns the bytes and the header fields needed to decode them.
+
+def _encoding_of(name: str, t: torch.Tensor, state: dict) -> tuple[str, Optional[int]]:
+    prefix = name[: len(name) - len("indices")]
+    if name.endswith("indices") and isinstance(state.get(prefix + "codebook"), torch.Tensor):
+        return "index", state[prefix + "codebook"].shape[0]
+    if t.dtype == torch.bool:
+        return "bits", None
+    if t.dtype == torch.int8 and t.numel():
+        values = set(t.unique().tolist())
+        if values <= {-1, 1}:
+            return "pm1", None
+        if values <= {-1, 0, 1}:
+            return "ternary", None
+    return "raw", None
+
+
+def _encode(t: torch.Tensor, encoding: str, n: Optional[int]) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if encoding == "index":
+        return packing.pack_indices(t, n).numpy().tobytes()
+    if encoding == "bits":
+        return packing.pack_bits(t, 1).numpy().tobytes()
+    if encoding == "pm1":
+        return packing.pack_bits(t > 0, 1).numpy().tobytes()
+    if encoding == "ternary":
+        return (packing.pack_bits(t != 0, 1).numpy().tobytes()
+                + packing.pack_bits(t > 0, 1).numpy().tobytes())
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _expected_nbytes(encoding: str, dtype: torch.dtype, numel: int, n: Optional[int]) -> int:
+    if encoding == "index":
+        return math.ceil(numel * packing.index_bits(n) / 8)
+    if encoding in ("bits", "pm1"):
+        return math.ceil(numel / 8)
+    if encoding == "ternary":
+        return 2 * math.ceil(numel / 8)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+def _decode(name: str, blob: bytes, encoding: str, dtype: torch.dtype, shape: tuple,
+            n: Optional[int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    if encoding == "raw":
+        return raw.view(dtype).reshape(shape).clone()
+    if encoding == "index":
+        values = packing.unpack_bits(raw, packing.index_bits(n), numel)
+        if numel and values.max() >= n:
+            raise ValueError(f"corrupted file: tensor {name!r} has an index >= its codebook size {n}")
+        return values.reshape(shape).to(dtype)
+    if encoding == "bits":
+        return packing.unpack_bits(raw, 1, numel).reshape(shape).to(dtype)
+    if encoding == "pm1":
+        return (packing.unpack_bits(raw, 1, numel) * 2 - 1).reshape(shape).to(dtype)
+    half = len(blob) // 2
+    mask = packing.unpack_bits(raw[:half], 1, numel)
+    sign = packing.unpack_bits(raw[half:], 1, numel) * 2 - 1
+    return (mask * sign).reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture description: a tree of classes found by name in torch.nn / sparks_ext.nn /
+# sparks_ext.models, with constructor arguments read back from the modules' attributes.
+
+def _namespaces() -> dict:
+    from . import nn as sparks_nn
+    spaces = {"torch.nn": nn, "sparks_ext.nn": sparks_nn}
+    try:
+        from . import models
+        spaces["sparks_ext.models"] = models
+    except ImportError:
+        pass
+    return spaces
+
+
+def _class_name(module: nn.Module) -> Optional[str]:
+    cls = type(module)
+    for prefix, space in _namespaces().items():
+        if getattr(space, cls.__name__, None) is cls:
+            return f"{prefix}.{cls.__name__}"
+    return None
+
+
+def _resolve(name: str) -> type:
+    prefix, _, cls_name = name.rpartition(".")
+    space = _namespaces().get(prefix)
+    cls = getattr(space, cls_name, None) if space is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"the file's architecture names {name!r}, which is not a layer of "
+                         f"torch.nn, sparks_ext.nn or sparks_ext.models; pass model= to load into")
+    return cls
+
+
+def _jsonable(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    raise TypeError
+
+
+def _config(module: nn.Module) -> Optional[dict]:
+    config = {}
+    for p in list(inspect.signature(type(module).__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
+            continue
+        if hasattr(module, p.name):
+            value = getattr(module, p.name)
+            if isinstance(value, torch.Tensor) or (value is None and p.name == "bias"):
+                value = value is not None  # `bias: bool` constructor flags
+            try:
+                config[p.name] = _jsonable(value)
+            except TypeError:
+                return None
+        elif p.default is p.empty:
+            return None
+    return config
+
+
+def _describe(module: nn.Module) -> Optional[dict]:
+    name = _class_name(module)
+    if name is None:
+        return None
+    if type(module) is nn.Sequential:
+        children = [(n, _describe(c)) for n, c in module.named_children()]
+        if any(spec is None for _, spec in children):
+            return None
+        return {"class": name, "children": children}
+    config = _config(module)
+    return None if config is None else {"class": name, "config": config}
+
+
+def _build(spec: dict) -> nn.Module:
+    cls = _resolve(spec["class"])
+    if "children" in spec:
+        model = cls()
+        for name, child in spec["children"]:
+            model.add_module(name, _build(child))
+        return model
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
+    return convert(cls(**config), inplace=True)
+
+
+def _signature(state: dict) -> dict:
+    return {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+
+def _architecture(model: nn.Module, state: dict) -> Optional[dict]:
+    """The description of ``model``, kept only if rebuilding it gives the same state layout."""
+    spec = _describe(model)
+    if spec is None:
+        return None
+    try:
+        rebuilt = _build(json.loads(json.dumps(spec)))
+    except Exception:
+        return None
+    return spec if _signature(rebuilt.state_dict()) == _signature(state) else None
+
+
+# ---------------------------------------------------------------------------------------------
+
+def save(model: nn.Module, path: PathLike) -> int:
+    """Writes ``model`` (converted first if it still holds trainable layers) to ``path`` in the
+    compact format; returns the file size in bytes."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(is_trainable_layer(m) for m in model.modules()):
+        model = convert(model)
+    state = model.state_dict()
+    entries, blobs = [], []
+    for name, t in state.items():
+        if t.dtype not in _DTYPES.values():
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which the format does not store")
+        encoding, n = _encoding_of(name, t, state)
+        blob = _encode(t, encoding, n)
+        entries.append([name, encoding, str(t.dtype).removeprefix("torch."), list(t.shape), len(blob), n])
+        blobs.append(blob)
+    header = {"format": "sparks_ext", "version": VERSION, "model": type(model).__name__,
+              "architecture": _architecture(model, state), "tensors": entries}
+    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    payload = b"".join(blobs)
+    body = _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), len(payload)) + header_bytes + payload
+    data = body + _CRC.pack(zlib.crc32(body))
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _read(path: PathLike) -> tuple[dict, bytes, int]:
+    """Checks the file's framing and checksum; returns (header, payload, header_len)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    where = f"{os.fspath(path)!r}"
+    if len(data) < _PREAMBLE.size:
+        if MAGIC.startswith(data[: len(MAGIC)]):
+            raise ValueError(f"{where} is truncated: {len(data)} bytes, shorter than the preamble")
+        raise ValueError(f"{where} is not a sparks_ext model file (bad magic)")
+    magic, version, header_len, payload_len = _PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"{where} is not a sparks_ext model file (bad magic)")
+    if version != VERSION:
+        raise ValueError(f"{where} has format version {version}; this sparks_ext reads version {VERSION}")
+    expected = _PREAMBLE.size + header_len + payload_len + _CRC.size
+    if len(data) < expected:
+        raise ValueError(f"{where} is truncated: {len(data)} bytes, its preamble announces {expected}")
+    if len(data) > expected:
+        raise ValueError(f"{where} is corrupted: {len(data) - expected} unexpected bytes after the end")
+    (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
+    if zlib.crc32(data[: expected - _CRC.size]) != crc:
+        raise ValueError(f"{where} is corrupted: checksum mismatch")
+    start = _PREAMBLE.size
+    try:
+        header = json.loads(zlib.decompress(data[start: start + header_len]))
+    except (zlib.error, ValueError) as e:
+        raise ValueError(f"{where} is corrupted: unreadable header ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+        raise ValueError(f"{where} is corrupted: the header lists no tensors")
+    return header, data[start + header_len: start + header_len + payload_len], header_len
+
+
+def read_header(path: PathLike) -> dict:
+    """The file's header (tensor list, architecture) after checking the framing and checksum;
+    ``header_bytes`` gives the compressed header's size."""
+    header, _, header_len = _read(path)
+    return {**header, "header_bytes": header_len}
+
+
+def _tensors(header: dict, payload: bytes, where: str) -> dict:
+    state, offset = {}, 0
+    for entry in header["tensors"]:
+        try:
+            name, encoding, dtype_name, shape, nbytes, n = entry
+            dtype, shape = _DTYPES[dtype_name], tuple(int(s) for s in shape)
+            if encoding not in ("raw", "index", "bits", "pm1", "ternary"):
+                raise KeyError(encoding)
+            if encoding == "index" and not (isinstance(n, int) and n >= 1):
+                raise KeyError(n)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where} is corrupted: bad tensor entry {entry!r}") from None
+        if nbytes != _expected_nbytes(encoding, dtype, math.prod(shape), n) or offset + nbytes > len(payload):
+            raise ValueError(f"{where} is corrupted: tensor {name!r} has a wrong byte count")
+        state[name] = _decode(name, payload[offset: offset + nbytes], encoding, dtype, shape, n)
+        offset += nbytes
+    if offset != len(payload):
+        raise ValueError(f"{where} is corrupted: {len(payload) - offset} payload bytes belong to no tensor")
+    return state
+
+
+def _check_match(state: dict, target: dict, where: str) -> None:
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model: missing tensors {missing}, "
+                         f"unexpected tensors {unexpected}")
+    for k, t in target.items():
+        if state[k].shape != t.shape or state[k].dtype != t.dtype:
+            raise ValueError(f"{where} does not match the model: tensor {k!r} is "
+                             f"{tuple(state[k].shape)} {state[k].dtype} in the file, "
+                             f"{tuple(t.shape)} {t.dtype} in the model")
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+    """Reads a file written by :func:`save`.
+
+    With ``model`` (the architecture, trained or not), loads into it, converting it in place
+    first if it holds trainable layers, and returns it; tensors keep the model's devices. Without
+    it, rebuilds the architecture recorded in the file (models made of ``torch.nn`` and
+    ``sparks_ext`` layers) on the CPU, in eval mode.
+    """
+    where = f"{os.fspath(path)!r}"
+    header, payload, _ = _read(path)
+    state = _tensors(header, payload, where)
+    if model is None:
+        spec = header.get("architecture")
+        if spec is None:
+            raise ValueError(f"{where} holds a {header.get('model')} that the file cannot rebuild "
+                             f"(a forward of its own, or constructor arguments not kept as "
+                             f"attributes); pass model= to load into it")
+        try:
+            model = _build(spec).eval()
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where} is corrupted: cannot rebuild its architecture ({e})") from None
+    elif not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    elif any(is_trainable_layer(m) for m in model.modules()):
+        model = convert(model, inplace=True)
+    _check_match(state, model.state_dict(), where)
+    model.load_state_dict(state, strict=True)
+    return model
