@@ -174,3 +174,23 @@ def test_short_digits_training_beats_chance_and_deploys_exactly():
     assert accuracy(model, data) == acc
     usage = model.layers[0].conv1.usage
     assert usage.sum() == 450
+
+
+def test_convert_summary_and_file_round_trip_with_signed_and_expert_layers(tmp_path):
+    import sparks_ext
+    from sparks_ext.nn import SignedBinaryConv2d, SignedCodebookConv2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SignedBinaryConv2d(4, 8, 3, 1, 1, n_codewords=16), torch.nn.BatchNorm2d(8),
+                                ExpertBinaryConv2d(8, 8, 3, 1, 1, n_codewords=16, bias=True)).eval()
+    x = torch.randn(5, 4, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        deployed = sparks_ext.convert(model)
+        assert isinstance(deployed[0], SignedCodebookConv2d) and isinstance(deployed[2], ExpertCodebookConv2d)
+        assert torch.equal(deployed(x), expected)
+        assert "SignedCodebookConv2d" in str(sparks_ext.summary(deployed, (1, 4, 8, 8)))
+        sparks_ext.save(deployed, tmp_path / "m.sparks")
+        loaded = sparks_ext.load(tmp_path / "m.sparks")  # architecture rebuilt from the file
+        assert torch.equal(loaded(x), expected)
+        assert loaded[0].density == deployed[0].density
