@@ -1,0 +1,52 @@
+"""A few epochs on scikit-learn's 8x8 digits, shared by the method tests (kept small and fast)."""
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from sparks_ext.models import SmallCNN
+
+
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(d.target)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    mean, std = x_train.mean(), x_train.std()
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+def small_cnn(make_conv, width=16):
+    """SmallCNN whose four block convs are ``make_conv(in, out, kernel_size, stride, padding)``."""
+    model = SmallCNN(conv="binary", width=width)
+    for block in model.layers:
+        for name in ("conv1", "conv2"):
+            old = getattr(block, name)
+            setattr(block, name, make_conv(old.in_channels, old.out_channels, old.kernel_size,
+                                           old.stride, old.padding))
+    return model
+
+
+def fit(model, optimizer, data, epochs=4, batch=64, on_step=None):
+    x_train, y_train, _, _ = data
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    steps = epochs * ((len(x_train) + batch - 1) // batch)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=g)
+        for i in range(0, len(x_train), batch):
+            idx = order[i:i + batch]
+            if on_step is not None:
+                on_step(step / steps)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+            optimizer.step()
+            step += 1
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, data):
+    _, _, x_test, y_test = data
+    return (model(x_test).argmax(1) == y_test).float().mean().item()
