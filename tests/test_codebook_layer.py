@@ -87,6 +87,8 @@ def test_state_dict_round_trip(device):
     assert torch.equal(fresh(x), layer(x))
     for name in ("codebook", "indices", "scale", "bias"):
         assert torch.equal(getattr(fresh, name), getattr(layer, name))
+    # Loading keeps the kernel's index layout: uint8 (C_in/groups, C_out) row-major.
+    assert fresh.indices.dtype == torch.uint8 and fresh.indices.t().is_contiguous()
 
 
 def test_dtype_conversion_of_the_module(device):
@@ -95,7 +97,8 @@ def test_dtype_conversion_of_the_module(device):
     for dtype in (torch.float64, torch.bfloat16):
         out = layer.to(dtype)(x.to(dtype))
         assert out.dtype == dtype
-        assert layer.codebook.dtype == torch.int8 and layer.indices.dtype == torch.int32
+        assert layer.codebook.dtype == torch.int8 and layer.indices.dtype == torch.uint8
+        assert layer.indices.t().is_contiguous()
 
 
 def test_from_conv2d_rejects_what_it_cannot_represent():
