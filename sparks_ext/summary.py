@@ -19,11 +19,27 @@ learn every layer's output shape, then counts per layer, per sample:
   needs responses for the C_out/g output channels of its group;
 - FLOPs: multiply-accumulates of real-valued convolutions and linear layers (the BNN
   literature's convention; BatchNorm, activations and pooling are not counted);
-- OPs = BOPs / 64 + FLOPs.
+- OPs = BOPs / 64 + FLOPs;
+- density: the fraction of non-zero binary weights (signed-binary layers quantize to {0, s},
+  so some of their weights are zero; every other binary layer has density 1), and the
+  *effectual* binary weights ("effectual parameters"), the non-zero ones (density x binary
+  weights): those that contribute to an output. Memory and BOPs are not scaled by density (the
+  codebook stores every tap, and the masked XNOR-popcount of a codeword response covers them
+  all).
 
 A binary layer is any module exposing ``bits_per_weight`` and ``n_codewords`` (the contract of
-every binary conv of this library, trainable or inference), so a trained model and its converted
-form give the same table. The result is data (:class:`Summary`); ``print`` it for the table.
+every binary conv of this library, trainable or inference). A trainable layer is described by
+its inference form (``to_inference()``, what :func:`sparks_ext.convert` deploys: for a
+signed-binary layer the ternary codebook of its distinct kernels, for 1-bit experts the codebook
+of theirs), so a trained model and its converted form give the same table.
+
+Expert layers (``ExpertBinaryConv2d`` / ``ExpertCodebookConv2d``, N experts): binary weights,
+real parameters and memory count what is stored, i.e. all N experts' kernels (indices), their
+N x C_out scales (and biases) and the gate's Linear, with one shared codebook; BOPs count what
+runs per sample, i.e. the one expert the winner-take-all gate picks, and FLOPs add the gate's
+C_in x N multiply-accumulates (the global average pool, like all pooling, is not counted).
+
+The result is data (:class:`Summary`); ``print`` it for the table.
 """
 from __future__ import annotations
 
@@ -35,7 +51,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["summary", "Summary", "LayerSummary", "is_binary_layer", "binary_conv_bops"]
+__all__ = ["summary", "Summary", "LayerSummary", "is_binary_layer", "binary_conv_bops", "deployed_form"]
 
 
 def is_binary_layer(module: nn.Module) -> bool:
@@ -68,6 +84,13 @@ class LayerSummary:
     memory_bits: float = 0.0
     bops: float = 0.0
     flops: float = 0.0
+    effectual_weights: int = 0  # non-zero binary weights ("effectual parameters")
+    n_experts: int = 1  # > 1: an expert layer (stores n_experts kernels per weight position)
+
+    @property
+    def density(self) -> Optional[float]:
+        """Fraction of the binary weights that are non-zero (None for a layer without any)."""
+        return self.effectual_weights / self.binary_weights if self.binary_weights else None
 
     @property
     def memory_bytes(self) -> float:
@@ -87,6 +110,7 @@ class Summary:
     rows: list = field(default_factory=list)
 
     binary_weights = property(lambda self: sum(r.binary_weights for r in self.rows))
+    effectual_weights = property(lambda self: sum(r.effectual_weights for r in self.rows))
     real_params = property(lambda self: sum(r.real_params for r in self.rows))
     memory_bytes = property(lambda self: sum(r.memory_bits for r in self.rows) / 8)
     float32_bytes = property(lambda self: sum(r.float32_bytes for r in self.rows))
@@ -97,6 +121,11 @@ class Summary:
     def ops(self) -> float:
         """OPs = BOPs / 64 + FLOPs."""
         return self.bops / 64 + self.flops
+
+    @property
+    def density(self) -> Optional[float]:
+        """Non-zero fraction of all binary weights (None for a model without any)."""
+        return self.effectual_weights / self.binary_weights if self.binary_weights else None
 
     @property
     def compression_ratio(self) -> float:
@@ -114,22 +143,30 @@ class Summary:
 
     def totals(self) -> dict:
         """The totals as a plain dict."""
-        return {"binary_weights": self.binary_weights, "real_params": self.real_params,
+        return {"binary_weights": self.binary_weights, "effectual_weights": self.effectual_weights,
+                "density": self.density, "real_params": self.real_params,
                 "memory_bytes": self.memory_bytes, "float32_bytes": self.float32_bytes,
                 "compression_ratio": self.compression_ratio, "bops": self.bops,
                 "flops": self.flops, "ops": self.ops}
 
     def __str__(self) -> str:
+        # The Density column only appears where it says something: some layer has zeros.
+        sparse = any(r.density is not None and r.density < 1 for r in self.rows)
         header = ("Layer", "Type", "Output shape", "Binary w.", "Real params", "Bits/w",
-                  "Memory", "BOPs", "FLOPs")
+                  *(("Density",) if sparse else ()), "Memory", "BOPs", "FLOPs")
+
+        def density(d):
+            return () if not sparse else ("" if d is None else f"{100 * d:.1f}%",)
+
         lines = [header]
         for r in self.rows:
             lines.append((r.name, r.type, "-" if r.output_shape is None else "x".join(map(str, r.output_shape)),
                           _count(r.binary_weights), _count(r.real_params),
                           "" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
-                          _bytes(r.memory_bytes), _count(r.bops), _count(r.flops)))
+                          *density(r.density), _bytes(r.memory_bytes), _count(r.bops), _count(r.flops)))
         lines.append(("Total", "", "", _count(self.binary_weights), _count(self.real_params),
-                      "", _bytes(self.memory_bytes), _count(self.bops), _count(self.flops)))
+                      "", *density(self.density), _bytes(self.memory_bytes), _count(self.bops),
+                      _count(self.flops)))
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         left = {0, 1, 2}
 
@@ -142,11 +179,20 @@ class Summary:
                fmt(header), rule, *map(fmt, lines[1:-1]), rule, fmt(lines[-1]), rule]
         out.append(f"Binary weights: {self.binary_weights:,} at {self.binary_bits_per_weight:.3f} "
                    f"bits each (codebooks included)")
+        if self.binary_weights:
+            out.append(f"Effectual binary weights (non-zero): {self.effectual_weights:,} of "
+                       f"{self.binary_weights:,} (density {100 * self.density:.1f}%)")
         out.append(f"Real-valued parameters: {self.real_params:,}")
         out.append(f"Memory: {_bytes(self.memory_bytes)} vs {_bytes(self.float32_bytes)} in "
                    f"float32 (compression {self.compression_ratio:.1f}x)")
         out.append(f"BOPs: {self.bops:.4g}   FLOPs: {self.flops:.4g}   "
                    f"OPs = BOPs/64 + FLOPs: {self.ops:.4g}")
+        experts = [r for r in self.rows if r.n_experts > 1]
+        if experts:
+            names = ", ".join(f"{r.name} ({r.n_experts} experts)" for r in experts)
+            out.append(f"Expert layers {names}: weights, parameters and memory count every expert "
+                       f"and the gate; BOPs count the one expert each sample runs (winner-take-all), "
+                       f"FLOPs include the gate")
         return "\n".join(out)
 
 
@@ -166,41 +212,73 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def _real_tensors(module: nn.Module):
-    """Parameters and floating buffers of ``module`` itself (not its children)."""
-    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+def _real_tensors(module: nn.Module, recurse: bool = False):
+    """Parameters and floating buffers of ``module`` itself (and of its children with
+    ``recurse``)."""
+    for t in list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse)):
         if t is not None and t.is_floating_point():
             yield t
 
 
-def _binary_row(module: nn.Module, row: LayerSummary) -> None:
-    kh, kw = _pair(module.kernel_size)
-    c_in, c_out, groups = module.in_channels, module.out_channels, module.groups
-    n = module.n_codewords
-    row.binary_weights = c_out * (c_in // groups) * kh * kw
+@torch.no_grad()
+def deployed_form(module: nn.Module) -> nn.Module:
+    """What a binary layer deploys as: ``module.to_inference()`` for a trainable layer (exactly
+    what :func:`sparks_ext.convert` puts in its place), the layer itself for an inference one."""
+    to_inference = getattr(module, "to_inference", None)
+    return to_inference() if callable(to_inference) else module
+
+
+def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    t = getattr(module, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _effectual_weights(layer: nn.Module, binary_weights: int) -> int:
+    """Non-zero binary weights of a deployed binary layer: counted from its codebook and
+    indices (every expert's indices for an expert layer), else from its ``density``, else all."""
+    codebook, indices = _tensor(layer, "codebook"), _tensor(layer, "indices")
+    if codebook is not None and indices is not None:
+        nonzero = (codebook != 0).flatten(1).sum(dim=1)
+        return int(nonzero[indices.long()].sum())
+    density = getattr(layer, "density", None)
+    return binary_weights if density is None else round(float(density) * binary_weights)
+
+
+def _binary_row(layer: nn.Module, row: LayerSummary) -> None:
+    """Fills ``row`` from ``layer``, the deployed form (:func:`deployed_form`) of a binary layer."""
+    kh, kw = _pair(layer.kernel_size)
+    c_in, c_out, groups = layer.in_channels, layer.out_channels, layer.groups
+    n = layer.n_codewords
+    row.n_experts = int(getattr(layer, "n_experts", 1))
+    # Every expert stores its own kernels (C_out x C_in/g of them); the codebook is shared.
+    row.binary_weights = row.n_experts * c_out * (c_in // groups) * kh * kw
+    row.effectual_weights = _effectual_weights(layer, row.binary_weights)
     row.n_codewords = n
     codebook_bits = 0
     if n is not None:
-        codebook = getattr(module, "codebook", None)
-        ternary = isinstance(codebook, torch.Tensor) and bool((codebook == 0).any())
+        codebook = _tensor(layer, "codebook")
+        ternary = codebook is not None and bool((codebook == 0).any())
         codebook_bits = n * kh * kw * (2 if ternary else 1)
-    row.bits_per_weight = float(module.bits_per_weight)
+    row.bits_per_weight = float(layer.bits_per_weight)
     row.codebook_bits = codebook_bits
-    # Deployed real parameters: one scale per output channel (BatchNorm folds into it) and the
-    # bias; a trainable layer's latent weights and selection state are not deployed.
-    bias = getattr(module, "bias", None)
-    row.real_params = c_out + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
-    row.memory_bits = row.binary_weights * row.bits_per_weight + codebook_bits + 32 * row.real_params
+    row.memory_bits = row.binary_weights * row.bits_per_weight + codebook_bits
+    # Real parameters of the deployed layer: one scale per output channel (per expert; BatchNorm
+    # folds into it), the bias, an expert layer's gate. Codebooks, indices and bits are integer
+    # tensors, counted above; the latent weights of a trainable layer are not deployed.
+    for t in _real_tensors(layer, recurse=True):
+        row.real_params += t.numel()
+        row.memory_bits += 8 * t.numel() * t.element_size()
 
 
 def _pair(v) -> tuple:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _new_row(name: str, module: nn.Module, output_shape: Optional[tuple]) -> LayerSummary:
+def _new_row(name: str, module: nn.Module, output_shape: Optional[tuple],
+             deployed: dict) -> LayerSummary:
     row = LayerSummary(name, type(module).__name__, output_shape)
     if is_binary_layer(module):
-        _binary_row(module, row)
+        _binary_row(deployed[id(module)], row)
     else:
         for t in _real_tensors(module):
             row.real_params += t.numel()
@@ -208,12 +286,18 @@ def _new_row(name: str, module: nn.Module, output_shape: Optional[tuple]) -> Lay
     return row
 
 
-def _layer_work(module: nn.Module, shape: torch.Size) -> tuple[float, float]:
-    """(BOPs, FLOPs) of one call on one sample, from the output shape."""
+def _layer_work(module: nn.Module, shape: torch.Size, deployed: dict) -> tuple[float, float]:
+    """(BOPs, FLOPs) of one call on one sample, from the output shape. A binary layer is counted
+    in its deployed form; an expert layer runs one expert per sample (the winner-take-all
+    forward: one conv of C_out channels, whichever expert wins) after its gate, a Linear of
+    C_in -> N on the pooled input."""
     if is_binary_layer(module):
-        kh, kw = _pair(module.kernel_size)
-        return binary_conv_bops(module.in_channels, module.out_channels, kh, kw,
-                                shape[-2], shape[-1], module.n_codewords, module.groups), 0.0
+        layer = deployed[id(module)]
+        kh, kw = _pair(layer.kernel_size)
+        bops = binary_conv_bops(layer.in_channels, layer.out_channels, kh, kw,
+                                shape[-2], shape[-1], layer.n_codewords, layer.groups)
+        gate = getattr(layer, "gate", None)
+        return bops, float(gate.in_features * gate.out_features) if isinstance(gate, nn.Linear) else 0.0
     per_sample = math.prod(shape[1:])
     if isinstance(module, nn.modules.conv._ConvNd):
         return 0.0, float(per_sample * (module.in_channels // module.groups) * math.prod(module.kernel_size))
@@ -244,6 +328,9 @@ def _trace(model: nn.Module, size: tuple, device, dtype) -> list[tuple[str, torc
                 calls.append((name, output.shape))
         handles.append(module.register_forward_hook(hook))
     was_training = model.training
+    # A real run may update buffers (an expert layer counts its samples in ``usage``): keep
+    # them, so that the summary leaves the model as it found it.
+    saved = [] if device == "meta" else [(b, b.clone()) for b in model.buffers()]
     try:
         model.eval()
         with torch.no_grad():
@@ -252,6 +339,9 @@ def _trace(model: nn.Module, size: tuple, device, dtype) -> list[tuple[str, torc
         model.train(was_training)
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for b, copy_ in saved:
+                b.copy_(copy_)
     return calls
 
 
@@ -279,13 +369,14 @@ def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = N
         calls = _trace(model, size, first.device if first is not None else "cpu", dtype)
 
     modules = _traced_modules(model)
+    deployed = {id(m): deployed_form(m) for m in modules.values() if is_binary_layer(m)}
     rows: dict[str, LayerSummary] = {}
     for module_name, shape in calls:
         row = rows.get(module_name)
         if row is None:
             row = rows[module_name] = _new_row(module_name or type(model).__name__,
-                                               modules[module_name], tuple(shape[1:]))
-        bops, flops = _layer_work(modules[module_name], shape)
+                                               modules[module_name], tuple(shape[1:]), deployed)
+        bops, flops = _layer_work(modules[module_name], shape, deployed)
         row.bops += bops
         row.flops += flops
     # Tensors of modules the forward pass never calls (a layer whose parameter another module
@@ -297,7 +388,7 @@ def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = N
         if module_name in rows:
             previous = rows[module_name]
         elif is_binary_layer(module) or next(_real_tensors(module), None) is not None:
-            row = rows[module_name] = _new_row(module_name, module, None)
+            row = rows[module_name] = _new_row(module_name, module, None, deployed)
             ordered.insert(ordered.index(previous) + 1 if previous is not None else 0, row)
             previous = row
     result = Summary(name or type(model).__name__, size[1:])

@@ -182,3 +182,134 @@ def test_every_stored_tensor_is_counted():
     assert s.real_params == real + sum(m.out_channels for m in binary)
     line = next(x for x in str(s).splitlines() if x.startswith("layers.0.act1.shift_in "))
     assert line.split()[1:3] == ["LearnableBias", "-"]
+
+
+# --- Signed-binary layers: density and effectual weights; expert layers: every expert --------
+
+from sparks_ext.nn import (ExpertBinaryConv2d, ExpertCodebookConv2d, SignedBinaryConv2d,  # noqa: E402
+                           SignedCodebookConv2d)
+
+
+def _signed_expert_model():
+    """A signed layer whose quantization is known by hand, then a 4-expert layer sharing a
+    Sparks codebook of 4 codewords."""
+    torch.manual_seed(0)
+    signed = SignedBinaryConv2d(1, 2, 3, padding=1, threshold=0.5)
+    with torch.no_grad():
+        signed.weight.zero_()
+        # channel 0: s = +1, mean|W| = 3/9, delta = 1/6: the 3 ones are kept
+        signed.weight[0, 0, 0] = 1.0
+        # channel 1: s = -1, mean|W| = 6/9, delta = 1/3: the 6 minus-ones are kept
+        signed.weight[1, 0, :2] = -1.0
+    expert = ExpertBinaryConv2d(2, 3, 3, padding=1, n_experts=4, n_codewords=4)
+    return nn.Sequential(signed, nn.BatchNorm2d(2), expert, nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+
+
+def test_signed_and_expert_rows_by_hand():
+    model = _signed_expert_model()
+    assert model[0].density == 0.5
+    s = sparks_ext.summary(model, (1, 4, 4))
+    signed, bn, expert, _, fc = s.rows
+    # signed: 2 x 1 x 9 = 18 weights, 9 non-zero; 2 distinct kernels -> a ternary codebook of 2
+    # codewords (2 bits per tap), indices at log2(2)/9 bits per weight, one scale per channel
+    assert (signed.binary_weights, signed.effectual_weights, signed.density) == (18, 9, 0.5)
+    assert signed.n_codewords == 2 and signed.bits_per_weight == pytest.approx(1 / 9)
+    assert signed.codebook_bits == 2 * 9 * 2 and signed.real_params == 2
+    assert signed.memory_bits == pytest.approx(18 / 9 + 36 + 2 * 32)
+    assert signed.bops == 1 * 2 * 9 * 16 and signed.flops == 0  # min(n, C_out) = 2, no gather
+    assert signed.n_experts == 1
+    # expert: 4 experts x 3 x 2 x 9 = 216 weights (all non-zero), one shared codebook of 4,
+    # 4 x 3 scales and the gate Linear(2, 4): 8 + 4
+    assert (expert.binary_weights, expert.effectual_weights, expert.density) == (216, 216, 1.0)
+    assert expert.n_experts == 4 and expert.n_codewords == 4
+    assert expert.bits_per_weight == pytest.approx(2 / 9) and expert.codebook_bits == 36
+    assert expert.real_params == 12 + 12
+    assert expert.memory_bits == pytest.approx(216 * 2 / 9 + 36 + 24 * 32)
+    # per sample: one expert runs (C_in 2, C_out 3, n = 4 >= 3: no gather), gate 2 x 4 MACs
+    assert expert.bops == 2 * 3 * 9 * 16 and expert.flops == 2 * 4
+    assert (bn.density, fc.density, bn.effectual_weights) == (None, None, 0)
+    t = s.totals()
+    assert (t["binary_weights"], t["effectual_weights"]) == (234, 225)
+    assert t["density"] == pytest.approx(225 / 234)
+    assert t["real_params"] == 2 + 4 * 2 + 24 + 48 * 5 + 5
+    assert t["bops"] == 288 + 864 and t["flops"] == 8 + 240
+    assert t["float32_bytes"] == 4 * (234 + 279)
+    assert t["memory_bytes"] == pytest.approx(sum(r.memory_bits for r in s.rows) / 8)
+
+
+def test_table_shows_density_and_experts():
+    s = sparks_ext.summary(_signed_expert_model(), (1, 4, 4), name="tiny")
+    lines = str(s).splitlines()
+    header = lines[2].split()
+    assert header[header.index("Bits/w") + 1] == "Density"
+    signed = next(line.split() for line in lines if line.startswith("0 "))
+    assert signed[1] == "SignedBinaryConv2d" and signed[5:7] == ["0.11", "50.0%"]
+    expert = next(line.split() for line in lines if line.startswith("2 "))
+    assert expert[3] == "216" and expert[6] == "100.0%"
+    total = next(line.split() for line in lines if line.startswith("Total"))
+    assert total[1:4] == ["234", "279", f"{100 * 225 / 234:.1f}%"]
+    assert "Effectual binary weights (non-zero): 225 of 234 (density 96.2%)" in lines
+    assert any(line.startswith("Expert layers 2 (4 experts):") and "winner-take-all" in line
+               for line in lines)
+    # a model without zeros has no Density column, but still the effectual line; no expert line
+    plain = str(sparks_ext.summary(_model(), (1, 8, 8)))
+    assert "Density" not in plain.splitlines()[2] and "Expert layers" not in plain
+    assert "Effectual binary weights (non-zero): 4,608 of 4,608 (density 100.0%)" in plain
+    assert "Effectual" not in str(sparks_ext.summary(nn.Conv2d(1, 2, 3), (1, 4, 4)))
+
+
+def test_summary_leaves_expert_usage_alone():
+    model = _signed_expert_model()
+    sparks_ext.summary(model, (1, 4, 4))
+    assert model[2].usage.sum() == 0
+    deployed = sparks_ext.convert(model)
+    sparks_ext.summary(deployed, (1, 4, 4))
+    assert deployed[2].usage.sum() == 0
+
+
+def _signed_model(region, n_codewords, expert_codewords, groups):
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        SignedBinaryConv2d(8, 8, 3, padding=1, threshold=0.6, region=region, n_codewords=n_codewords),
+        nn.BatchNorm2d(8), nn.ReLU(),
+        ExpertBinaryConv2d(8, 16, 3, stride=2, padding=1, groups=groups, n_experts=3,
+                           n_codewords=expert_codewords, bias=True),
+        SignedBinaryConv2d(16, 16, 3, padding=1, groups=groups, threshold=0.3, bias=True),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("region,n_codewords,expert_codewords,groups",
+                         [("channel", None, None, 1), ("kernel", 16, 8, 2), ("channel", 8, 32, 1)])
+def test_trained_and_converted_signed_and_expert_models_have_the_same_summary(
+        region, n_codewords, expert_codewords, groups):
+    model = _signed_model(region, n_codewords, expert_codewords, groups)
+    trained = sparks_ext.summary(model, (1, 8, 8))
+    deployed = sparks_ext.convert(model)
+    assert isinstance(deployed[2], SignedCodebookConv2d) and isinstance(deployed[5], ExpertCodebookConv2d)
+    converted = sparks_ext.summary(deployed, (1, 8, 8))
+    assert trained.totals() == converted.totals()
+    fields = ("name", "output_shape", "binary_weights", "effectual_weights", "bits_per_weight",
+              "n_codewords", "codebook_bits", "real_params", "memory_bits", "bops", "flops", "n_experts")
+    assert [tuple(getattr(r, f) for f in fields) for r in trained.rows] == \
+        [tuple(getattr(r, f) for f in fields) for r in converted.rows]
+    strip = {"SignedBinaryConv2d": "SignedCodebookConv2d", "ExpertBinaryConv2d": "ExpertCodebookConv2d"}
+    text = str(trained)
+    for a, b in strip.items():
+        text = text.replace(a, b)
+    words = lambda t: [line.split() for line in t.splitlines()[1:] if not line.startswith("---")]  # noqa: E731
+    assert words(text) == words(str(converted))  # the same table (columns as wide as the types)
+
+    signed, expert, last = trained.rows[2], trained.rows[5], trained.rows[6]
+    assert signed.density == pytest.approx(model[2].density) == pytest.approx(deployed[2].density)
+    assert last.density == pytest.approx(model[6].density) and last.density < 1
+    assert signed.effectual_weights == int(model[2].quantized_weight().count_nonzero())
+    assert trained.effectual_weights == sum(r.effectual_weights for r in trained.rows)
+    # every expert's kernels are stored, one expert's work is counted per sample
+    assert expert.binary_weights == 3 * 16 * (8 // groups) * 9 == deployed[5].indices.numel() * 9
+    assert expert.effectual_weights == expert.binary_weights
+    assert expert.real_params == 3 * 16 * 2 + (8 * 3 + 3)  # scales, biases, gate
+    assert expert.flops == 8 * 3
+    assert expert.bops == binary_conv_bops(8, 16, 3, 3, 4, 4, deployed[5].n_codewords, groups)
+    assert deployed[5].n_codewords == (expert_codewords or deployed[5].codebook.shape[0])
+    assert "Density" in text.splitlines()[2]
