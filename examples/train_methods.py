@@ -26,9 +26,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from sparks_ext.datasets import load_digits_split
 from sparks_ext.models import SmallCNN
 from sparks_ext.nn import (BinaryConv2d, ExpertBinaryConv2d, ExpertCodebookConv2d, SignedBinaryConv2d,
                            SignedCodebookConv2d)
@@ -48,15 +47,6 @@ RUNS = {
     "EBConv 4 experts, 1-bit": dict(layer="expert"),
     "EBConv 4 experts, Sparks n=32": dict(layer="expert", n_codewords=32),
 }
-
-
-def load_data():
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
 def build(spec: dict, width: int) -> torch.nn.Module:
@@ -155,7 +145,7 @@ def main():
     p.add_argument("--out", help="append the tables (markdown) to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_data()
+    data = load_digits_split()
 
     results, densities, usage, codewords = {}, {}, {}, {}
     start = time.time()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .convert import convert
+from .datasets import load_digits_split
 from .serialization import read_header, save, load
 from .summary import summary
 
@@ -35,16 +36,9 @@ from .summary import summary
 
 def _digits(seed: int):
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise SystemExit("the demo trains on scikit-learn's digits: pip install scikit-learn") from None
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target)
-    train, test = train_test_split(range(len(y)), test_size=0.2, random_state=seed, stratify=y)
-    return x[train], y[train], x[test], y[test]
+        return load_digits_split(test_size=0.2, seed=seed)
+    except ImportError as e:
+        raise SystemExit(f"the demo trains on scikit-learn's digits: {e}") from None
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

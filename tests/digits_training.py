@@ -1,19 +1,9 @@
 """A few epochs on scikit-learn's 8x8 digits, shared by the method tests (kept small and fast)."""
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from sparks_ext.datasets import load_digits_split as digits  # noqa: F401  (the tests' data)
 from sparks_ext.models import SmallCNN
-
-
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(d.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
 
 
 def small_cnn(make_conv, width=16):

@@ -9,12 +9,7 @@ from sparks_ext.nn import ExpertBinaryConv2d, ExpertCodebookConv2d
 from sparks_ext.reference import conv2d_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GEOMETRIES = [

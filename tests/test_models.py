@@ -7,12 +7,7 @@ from sparks_ext.models import SmallCNN, make_conv, resnet18
 from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(model, cls):

@@ -5,13 +5,7 @@ import torch
 from sparks_ext.quantizers import (BinaryActivation, RPReLU, RSign, approx_sign, sign, sign_ste)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grad(fn, x):

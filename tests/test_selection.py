@@ -8,13 +8,7 @@ from sparks_ext.selection import (TemperatureSchedule, gumbel_noise, hungarian, 
                                   sinkhorn)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_square_sinkhorn_is_doubly_stochastic():

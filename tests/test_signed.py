@@ -13,12 +13,7 @@ from sparks_ext.quantizers import sign
 from sparks_ext.reference import conv2d_reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GEOMETRIES = [

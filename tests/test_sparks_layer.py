@@ -16,13 +16,7 @@ HAS_BINARY_OP = torch._C._dispatch_has_kernel_for_dispatch_key("sparks::binary_c
 needs_binary_op = pytest.mark.skipif(not HAS_BINARY_OP, reason="sparks::binary_conv2d has no CPU kernel yet")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GEOMETRIES = [

@@ -9,31 +9,16 @@ from sparks_ext.nn import CodebookConv2d, SparksConv2d
 from sparks_ext.selection import TemperatureSchedule, set_temperature
 
 sklearn = pytest.importorskip("sklearn")
-from sklearn.datasets import load_digits  # noqa: E402
+from sparks_ext.datasets import load_digits_split  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _digits():
-    d = load_digits()
-    x = (torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0 - 0.3) / 0.4
-    y = torch.tensor(d.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    train, test = perm[:1400], perm[1400:]
-    return x[train], y[train], x[test], y[test]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("conv,n", [("binary", None), ("sparks", 16)])
 def test_short_training_beats_chance(conv, n):
     torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = _digits()
+    x_train, y_train, x_test, y_test = load_digits_split()
     model = SmallCNN(conv=conv, n_codewords=n, width=8)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     steps, batch = 120, 64
