@@ -98,3 +98,28 @@ def set_temperature(module: torch.nn.Module, tau: float) -> None:
     for m in module.modules():
         if hasattr(m, "temperature") and isinstance(getattr(m, "temperature"), torch.Tensor):
             m.temperature.fill_(tau)
+
+
+def select_codewords(layer: torch.nn.Module) -> torch.Tensor:
+    """The (n, M) selection matrix of a layer that learns n of M codewords.
+
+    ``layer`` holds ``logits`` (n, M) and the buffers ``selected`` (the cached hard selection),
+    ``step``, ``noise_seed`` and ``temperature``, plus ``gumbel_scale``, ``sinkhorn_iters`` and
+    ``hungarian_every``. In eval mode the rows are the cached one-hot selection. In training the
+    forward value is the hard selection, refreshed by the Hungarian algorithm every
+    ``hungarian_every`` steps, and the gradient is the Gumbel-Sinkhorn soft selection's (PSTE).
+    The Gumbel noise comes from a generator seeded by (noise_seed, step) buffers, so every
+    DistributedDataParallel rank draws the same noise and selects the same codewords.
+    """
+    logits = layer.logits
+    if not layer.training:
+        return torch.nn.functional.one_hot(layer.selected, logits.shape[-1]).to(logits.dtype)
+    step = int(layer.step)
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed((int(layer.noise_seed) * 1_000_003 + step) % (2 ** 63))
+    noise = gumbel_noise(logits.shape, generator, logits.dtype, logits.device)
+    soft = sinkhorn((logits + layer.gumbel_scale * noise) / layer.temperature, layer.sinkhorn_iters)
+    if step % layer.hungarian_every == 0:
+        layer.selected.copy_(hungarian(soft))
+    layer.step.add_(1)
+    return pste(soft, layer.selected)

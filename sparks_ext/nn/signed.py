@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..ops import IntOrPair, conv2d
 from ..packing import full_codebook
 from ..quantizers import sign, sign_ste
-from ..selection import gumbel_noise, hungarian, pste, sinkhorn
+from ..selection import hungarian, select_codewords, sinkhorn
 from .binary import _LatentBinaryConv
 from .codebook import CodebookConv2d
 
@@ -158,17 +158,7 @@ class SignedBinaryConv2d(_LatentBinaryConv):
     def _selection(self) -> torch.Tensor:
         """(n, M) selection of masks: hard 0/1 rows; in training with the Gumbel-Sinkhorn
         gradient (PSTE). Same schedule and DDP-safe noise as SparksConv2d."""
-        if not self.training:
-            return F.one_hot(self.selected, self.masks.shape[0]).to(self.masks.dtype)
-        step = int(self.step)
-        generator = torch.Generator(device=self.logits.device)
-        generator.manual_seed((int(self.noise_seed) * 1_000_003 + step) % (2 ** 63))
-        noise = gumbel_noise(self.logits.shape, generator, self.logits.dtype, self.logits.device)
-        soft = sinkhorn((self.logits + self.gumbel_scale * noise) / self.temperature, self.sinkhorn_iters)
-        if step % self.hungarian_every == 0:
-            self.selected.copy_(hungarian(soft))
-        self.step.add_(1)
-        return pste(soft, self.selected)
+        return select_codewords(self)
 
     def _quantize(self, codebook_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Quantized kernels in {-1,0,+1}. ``codebook_masks`` (n, kh*kw), possibly carrying

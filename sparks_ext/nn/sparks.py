@@ -27,7 +27,7 @@ import torch
 
 from ..ops import IntOrPair, conv2d
 from ..packing import full_codebook
-from ..selection import gumbel_noise, hungarian, pste, sinkhorn
+from ..selection import hungarian, select_codewords, sinkhorn
 from .binary import _LatentBinaryConv, codebook_layer
 from .codebook import CodebookConv2d
 
@@ -86,17 +86,7 @@ class SparksConv2d(_LatentBinaryConv):
     def _selection(self) -> torch.Tensor:
         """(n, M) selection matrix: hard 0/1 rows in the forward pass; in training, with the
         gradient of the Gumbel-Sinkhorn soft selection (PSTE)."""
-        if not self.training:
-            return torch.nn.functional.one_hot(self.selected, self.full_codebook.shape[0]).float()
-        step = int(self.step)
-        generator = torch.Generator(device=self.logits.device)
-        generator.manual_seed((int(self.noise_seed) * 1_000_003 + step) % (2 ** 63))
-        noise = gumbel_noise(self.logits.shape, generator, self.logits.dtype, self.logits.device)
-        soft = sinkhorn((self.logits + self.gumbel_scale * noise) / self.temperature, self.sinkhorn_iters)
-        if step % self.hungarian_every == 0:
-            self.selected.copy_(hungarian(soft))
-        self.step.add_(1)
-        return pste(soft, self.selected)
+        return select_codewords(self)
 
     def codebook(self) -> torch.Tensor:
         """The selected codewords (n, kh, kw), {-1,+1}, without gradient (as in eval mode)."""
