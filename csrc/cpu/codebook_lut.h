@@ -28,8 +28,10 @@ constexpr int64_t kMaxLutTaps = 10;   // 2^10 rows x 64 bytes = 64 KiB
 constexpr int64_t kMaxLutCodewords = 64;
 constexpr int64_t kLutRow = 64;       // bytes per LUT row
 
+// Needs at least one input channel per group (its tiling divides by C_in/groups); with none the
+// result is the empty sum, which the portable kernel writes.
 inline bool lut_kernel_applies(const ConvGeometry& g, int64_t n) {
-  return g.taps() <= kMaxLutTaps && n <= kMaxLutCodewords;
+  return g.taps() <= kMaxLutTaps && n <= kMaxLutCodewords && g.in_per_group() > 0;
 }
 
 // One ISA's inner loops.
