@@ -38,45 +38,6 @@ PackedCodebook pack_codebook(const at::Tensor& codebook) {
   return packed;
 }
 
-std::vector<uint64_t> pack_dense_weight(const at::Tensor& weight) {
-  const int64_t kernels = weight.size(0) * weight.size(1);
-  const int64_t taps = weight.size(2) * weight.size(3);
-  std::vector<uint64_t> sign(kernels, 0);
-  if (kernels == 0) return sign;
-  if (weight.scalar_type() == at::kBool) {
-    const at::Tensor bits = weight.contiguous().view({kernels, taps});
-    const bool* b = bits.data_ptr<bool>();
-    for (int64_t k = 0; k < kernels; ++k)
-      for (int64_t t = 0; t < taps; ++t)
-        if (b[k * taps + t]) sign[k] |= uint64_t{1} << t;
-    return sign;
-  }
-  const at::Tensor values = weight.to(at::kDouble).contiguous().view({kernels, taps});
-  const double* v = values.data_ptr<double>();
-  for (int64_t k = 0; k < kernels; ++k) {
-    for (int64_t t = 0; t < taps; ++t) {
-      const double x = v[k * taps + t];
-      TORCH_CHECK_VALUE(x == 1.0 || x == -1.0, "weight entries must be -1 or +1 (or bool), got ",
-                        x, " in kernel (", k / weight.size(1), ", ", k % weight.size(1), ")");
-      if (x == 1.0) sign[k] |= uint64_t{1} << t;
-    }
-  }
-  return sign;
-}
-
-at::Tensor checked_indices(const at::Tensor& indices, int64_t n) {
-  at::Tensor idx = indices.to(at::kInt).contiguous();
-  if (indices.numel() > 0) {
-    // Compare in int64 so that wide index values cannot wrap into range through the cast.
-    const auto minmax = at::aminmax(indices.to(at::kLong));
-    const int64_t lo = std::get<0>(minmax).item<int64_t>();
-    const int64_t hi = std::get<1>(minmax).item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < n, "indices must lie in [0, n) = [0, ", n,
-                      "), got values in [", lo, ", ", hi, "]");
-  }
-  return idx;
-}
-
 at::Tensor binarize_input(const at::Tensor& input) {
   return at::ge(input, 0).contiguous().view(at::kByte);
 }

@@ -34,14 +34,6 @@ struct PackedCodebook {
 // {-1, 0, +1}.
 PackedCodebook pack_codebook(const at::Tensor& codebook);
 
-// Packs a dense (C_out, C_in/groups, kh, kw) weight into one sign word per kernel (row-major
-// (co, ci)); bool weights are bits, others must be in {-1, +1} (ValueError naming `weight`).
-std::vector<uint64_t> pack_dense_weight(const at::Tensor& weight);
-
-// Indices as a contiguous int32 (C_out, C_in/groups) tensor; throws ValueError naming
-// `indices` if a value is outside [0, n).
-at::Tensor checked_indices(const at::Tensor& indices, int64_t n);
-
 // Binarized input as contiguous uint8 (N, C, H, W): 1 where input >= 0 (sign(0) = +1;
 // NaN gives 0, i.e. -1, exactly as the reference's where(input >= 0, 1, -1)).
 at::Tensor binarize_input(const at::Tensor& input);
