@@ -15,6 +15,21 @@ from dataclasses import dataclass
 import torch
 
 
+class SteSign(torch.autograd.Function):
+    """The training-time oracle for the ops' autograd: sign with sign(0) = +1 forward, gradient
+    passed where |x| <= 1 (larq's ste_sign). Written out here, independent of the library."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
 @dataclass(frozen=True)
 class Case:
     batch: int = 2

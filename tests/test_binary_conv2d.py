@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 from sparks_ext.reference import binary_conv2d_reference
-from cases import GRID, Case
+from cases import GRID, Case, SteSign
 
 
 def _weight(case, device, kind):
@@ -112,22 +112,8 @@ def test_other_argument_errors(device):
 # ---------------------------------------------------------------------------------------------
 # Autograd: the registered formula against a hand-written straight-through estimator.
 
-class _SteSign(torch.autograd.Function):
-    """sign with sign(0) = +1 forward; gradient passed where |x| <= 1 (larq's ste_sign)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
-
-
 def _ste_reference(x, w, scale, bias, padding, pad_value, **kw):
-    xb = F.pad(_SteSign.apply(x), (padding, padding, padding, padding), value=pad_value)
+    xb = F.pad(SteSign.apply(x), (padding, padding, padding, padding), value=pad_value)
     out = F.conv2d(xb, w, **kw)
     return out * scale[None, :, None, None] + bias[None, :, None, None]
 

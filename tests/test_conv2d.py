@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 from sparks_ext.reference import conv2d_reference
-from cases import GRID, Case
+from cases import GRID, Case, SteSign
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
@@ -76,21 +76,9 @@ def test_thread_count_does_not_change_results():
 # Autograd: straight-through estimator to the input (clipped to |x| <= 1), exact gradients to
 # scale and bias, and the dense-weight gradient summed into a floating codebook.
 
-class _SteSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
-
-
 def _reference_with_ste(x, codebook, indices, scale, bias, padding, pad_value, **kw):
     """Pure-PyTorch training-time formula: STE sign, pad, decode, float conv, scale, bias."""
-    xb = F.pad(_SteSign.apply(x), (padding, padding, padding, padding), value=pad_value)
+    xb = F.pad(SteSign.apply(x), (padding, padding, padding, padding), value=pad_value)
     out = F.conv2d(xb, codebook[indices.long()], **kw)
     return out * scale[None, :, None, None] + bias[None, :, None, None]
 
