@@ -1,4 +1,4 @@
-"""Every CPU kernel family this machine can run (portable, avx2, avx512) against the reference.
+"""Every CPU kernel family this machine can run (portable, avx2, avx512, amx) against the reference.
 
 The families are forced with SPARKS_CPU_KERNEL, which the op reads at every call. Results must be
 bit-identical to the reference (and so to each other) without scale/bias.
@@ -37,6 +37,14 @@ FAST_CASES = [
          layout="channels_last"),
     Case(batch=1, in_channels=64, out_channels=64, size=(6, 6), n=32, dtype=torch.float64,
          layout="strided"),
+    # The amx kernel's direct mode (stride 1, C_in/groups a multiple of 64): dilation, a half
+    # channel pair, consecutive images, two 64-channel chunks per tap, a wide kernel's reads past
+    # the image, groups, and a 64-tap kernel.
+    Case(batch=2, in_channels=64, out_channels=48, size=(9, 7), n=16, dilation=(2, 1), padding=(2, 1)),
+    Case(batch=1, in_channels=128, out_channels=32, size=(5, 6), kernel=(1, 7), padding=(0, 3), n=64,
+         pad_value=-1.0, ternary=True),
+    Case(batch=1, in_channels=192, out_channels=96, size=(5, 5), n=32, groups=3, layout="channels_last"),
+    Case(batch=1, in_channels=64, out_channels=32, size=(5, 4), kernel=(8, 8), padding=(3, 3), n=32),
 ]
 
 
@@ -119,9 +127,12 @@ def test_thread_counts_agree(path):
 
 
 def test_paths_are_listed():
+    order = ["portable", "avx2", "avx512", "amx"]
     assert PATHS[0] == "portable"
-    assert set(PATHS) <= {"portable", "avx2", "avx512"}
-    assert PATHS == sorted(PATHS, key=["portable", "avx2", "avx512"].index)
+    assert set(PATHS) <= set(order)
+    assert PATHS == sorted(PATHS, key=order.index)
+    if "amx" in PATHS:  # amx runs the avx512 kernels wherever it has no tile kernel
+        assert "avx512" in PATHS
 
 
 def test_auto_is_the_default(monkeypatch):
@@ -144,7 +155,7 @@ def test_unknown_path_is_an_error(op, monkeypatch):
             sparks_ext.binary_conv2d(case.make_input(), case.make_dense_weight())
 
 
-@pytest.mark.parametrize("missing", sorted({"avx2", "avx512"} - set(PATHS)) or ["none"])
+@pytest.mark.parametrize("missing", sorted({"avx2", "avx512", "amx"} - set(PATHS)) or ["none"])
 def test_forcing_a_path_this_cpu_lacks_is_an_error(missing, monkeypatch):
     if missing == "none":
         pytest.skip("this CPU runs every kernel family")

@@ -201,7 +201,10 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                          writer};
   switch (isa) {
 #if defined(__x86_64__)
-    case Isa::kAvx512: binary_conv_avx512(bp); break;
+    case Isa::kAvx512:
+    case Isa::kAmx:  // no tile kernel for the dense op: it is the XNOR-popcount baseline
+      binary_conv_avx512(bp);
+      break;
 #endif
     default: binary_conv_scalar(bp, isa); break;
   }

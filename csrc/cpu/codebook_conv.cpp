@@ -1,8 +1,10 @@
 // CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
-// Dispatch: with n <= 64 codewords and kh * kw <= 10 taps, the AVX-512 and AVX2 paths run the
-// LUT kernel (codebook_lut.h, codebook_conv_avx512.cpp); the portable path, and every path for
-// larger codebooks or kernels, runs the kernel below. All give identical integers.
+// Dispatch: with n <= 64 codewords, the amx path decodes the weights and runs int8 tile products
+// (codebook_amx.h, codebook_conv_amx.cpp) on layers wide enough for tiles; with n <= 64 and kh * kw <= 10 taps, the AVX-512 and
+// AVX2 paths run the LUT kernel (codebook_lut.h, codebook_conv_avx512.cpp); the portable path,
+// and every path for larger codebooks or kernels, runs the kernel below. All give identical
+// integers.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
 // (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "../conv_args.h"
+#include "codebook_amx.h"
 #include "codebook_lut.h"
 #include "cpu_features.h"
 #include "packing.h"
@@ -97,6 +100,10 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
+  if (isa == Isa::kAmx && amx_kernel_applies(g, cb.size()) && (isa_forced() || amx_kernel_pays(g))) {
+    codebook_conv_amx(input, cb, indices, g, TileWriter(output, scale, bias, g, isa));
+    return output;
+  }
   if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
     codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g, isa), isa);
     return output;

@@ -46,7 +46,7 @@ at::Tensor build_lut(const PackedCodebook& cb, int64_t taps) {
 void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
                        const ConvGeometry& g, const TileWriter& writer, Isa isa) {
 #if defined(__x86_64__)
-  const LutKernel kernel = isa == Isa::kAvx512 ? lut_kernel_avx512() : lut_kernel_avx2();
+  const LutKernel kernel = isa >= Isa::kAvx512 ? lut_kernel_avx512() : lut_kernel_avx2();
 #else
   TORCH_INTERNAL_ASSERT(false, "the LUT kernel needs x86-64");
   const LutKernel kernel{};

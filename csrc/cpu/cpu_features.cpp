@@ -7,9 +7,32 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace sparks {
 namespace cpu {
 namespace {
+
+// AMX needs the CPU bits (CPUID.7.0:EDX 24 tile, 25 int8), the OS saving tile state (XCR0 bits
+// 17-18) and, on Linux, the process's permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_usable() {
+#if SPARKS_AMX_COMPILED
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+  if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if (((lo >> 17) & 3) != 3) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -25,6 +48,8 @@ bool cpu_has(Isa isa) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
              __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("gfni") &&
              cpu_has(Isa::kAvx2);
+    case Isa::kAmx:
+      return cpu_has(Isa::kAvx512) && amx_usable();
   }
   return false;
 #else
@@ -39,6 +64,7 @@ const char* isa_name(Isa isa) {
     case Isa::kPortable: return "portable";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAmx: return "amx";
   }
   return "?";
 }
@@ -46,7 +72,7 @@ const char* isa_name(Isa isa) {
 std::vector<Isa> available_isas() {
   static const std::vector<Isa> isas = [] {
     std::vector<Isa> v;
-    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512})
+    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx})
       if (cpu_has(isa)) v.push_back(isa);
     return v;
   }();
@@ -57,7 +83,7 @@ Isa selected_isa() {
   const std::vector<Isa>& isas = available_isas();
   const char* env = std::getenv("SPARKS_CPU_KERNEL");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return isas.back();
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (std::strcmp(env, isa_name(isa)) != 0) continue;
     for (Isa ok : isas)
       if (ok == isa) return isa;
@@ -68,7 +94,12 @@ Isa selected_isa() {
                   return s;
                 }());
   }
-  TORCH_CHECK(false, "SPARKS_CPU_KERNEL must be auto, avx512, avx2 or portable, got '", env, "'");
+  TORCH_CHECK(false, "SPARKS_CPU_KERNEL must be auto, amx, avx512, avx2 or portable, got '", env, "'");
+}
+
+bool isa_forced() {
+  const char* env = std::getenv("SPARKS_CPU_KERNEL");
+  return env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0;
 }
 
 namespace {

@@ -1,20 +1,33 @@
 // Which CPU kernel family runs: detected once from CPUID, chosen per call.
 //
+// amx = avx512 + AMX-TILE/AMX-INT8 with the OS's permission (Sapphire Rapids and later): the
+// codebook conv runs on the int8 tile unit, everything else as avx512;
 // avx512 = AVX-512 F/BW/VL/VBMI/VPOPCNTDQ + GFNI (Ice Lake, Sapphire Rapids, Zen 4 and later);
 // avx2 = AVX2 + BMI2 + POPCNT (Haswell, Zen and later); portable = plain C++.
 // Every family computes the same exact integers; they differ only in the instructions used.
 // SPARKS_CPU_KERNEL (read at every call, so tests can switch in-process) forces one:
-//   auto (default) | avx512 | avx2 | portable
+//   auto (default) | amx | avx512 | avx2 | portable
 // Forcing a family this CPU cannot run raises a RuntimeError.
 #pragma once
 
 #include <string>
 #include <vector>
 
+// The AMX kernel needs a compiler that knows the AMX intrinsics (GCC 11, Clang 12) and Linux
+// (the permission request); elsewhere the amx family is never available.
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define SPARKS_AMX_COMPILED 1
+#else
+#define SPARKS_AMX_COMPILED 0
+#endif
+
 namespace sparks {
 namespace cpu {
 
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// Ordered: each family includes the instructions of those before it, so `isa >= Isa::kAvx512`
+// reads "may use AVX-512".
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
 
@@ -23,6 +36,10 @@ std::vector<Isa> available_isas();
 
 // The family for this call: SPARKS_CPU_KERNEL if set, else the best available.
 Isa selected_isa();
+
+// Whether SPARKS_CPU_KERNEL names a family (not auto): then that family's kernels run wherever
+// they can, also where auto would pick another as faster (so tests cover every kernel).
+bool isa_forced();
 
 }  // namespace cpu
 }  // namespace sparks

@@ -136,7 +136,7 @@ void pack_pixel(const uint8_t* bytes, const float* floats, int64_t cin_g, int64_
   for (int64_t k = 0; k < words; ++k) {
     const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
 #if defined(__x86_64__)
-    if (isa == Isa::kAvx512) {
+    if (isa >= Isa::kAvx512) {
       out[k] = floats ? pack_floats_avx512(floats + 64 * k, count, 1)
                       : pack_bytes_avx512(bytes + 64 * k, count);
       continue;
@@ -173,7 +173,7 @@ SPARKS_AVX512 void pack_row_avx512(const void* src, at::ScalarType type, int64_t
 void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, int64_t pixels,
               int64_t cin_g, int64_t words, Isa isa, uint64_t* out) {
 #if defined(__x86_64__)
-  if (isa == Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, out);
+  if (isa >= Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, out);
 #endif
   (void)isa;
   (void)s_c;
@@ -182,7 +182,8 @@ void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, in
 
 }  // namespace
 
-PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa) {
+PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa,
+                         const std::function<void(const PackedPixels&, int64_t, int64_t, int64_t)>& row_done) {
   PackedPixels px;
   px.groups = g.groups;
   px.hp = g.in_h + 2 * g.pad_h;
@@ -214,7 +215,7 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
   // gathers with 32-bit offsets otherwise), and so is channels_last bfloat16; anything else is
   // binarized by ATen into channels-last bytes first.
   const int64_t span = (input.size(1) - 1) * input.stride(1) + 16 * input.stride(1);
-  const bool direct = isa == Isa::kAvx512 &&
+  const bool direct = isa >= Isa::kAvx512 &&
                       ((input.scalar_type() == at::kFloat && input.stride(1) > 0 && span < (int64_t{1} << 31)) ||
                        (input.scalar_type() == at::kBFloat16 && input.stride(1) == 1));
   const at::Tensor src = direct ? input : at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
@@ -240,10 +241,12 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
           if (pad_row || w < g.pad_w || w >= g.pad_w + g.in_w)
             std::copy(pad.begin(), pad.end(), out + w * px.words);
         }
-        if (pad_row) continue;
-        const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
-        pack_row(base + offset * item, type, s_c, s_w, g.in_w,
-                 cin_g, px.words, isa, out + g.pad_w * px.words);
+        if (!pad_row) {
+          const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
+          pack_row(base + offset * item, type, s_c, s_w, g.in_w,
+                   cin_g, px.words, isa, out + g.pad_w * px.words);
+        }
+        if (row_done) row_done(px, n, grp, h);
       }
     }
   });
@@ -302,7 +305,7 @@ void pack_weight_rows(const at::Tensor& weight, bool rows_contiguous, Isa isa, u
       const scalar_t* row = w + co * weight.stride(0) + (t / kw) * weight.stride(2) + (t % kw) * weight.stride(3);
       uint64_t* dst = out + r * words;
 #if defined(__x86_64__)
-      if (isa == Isa::kAvx512 && rows_contiguous) {
+      if (isa >= Isa::kAvx512 && rows_contiguous) {
         if constexpr (std::is_same_v<scalar_t, bool>) {
           pack_pixel(reinterpret_cast<const uint8_t*>(row), nullptr, cin, words, isa, dst);
           continue;
@@ -460,7 +463,7 @@ TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>
       out_w_(g.out_w) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "sparks_store",
                                   [&] { store_ = &TileWriter::store_impl<scalar_t>; });
-  fast_rows_ = isa == Isa::kAvx512 && output.stride(1) == 1 &&
+  fast_rows_ = isa >= Isa::kAvx512 && output.stride(1) == 1 &&
                (output.scalar_type() == at::kFloat || output.scalar_type() == at::kBFloat16);
 }
 

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "../conv_args.h"
@@ -95,8 +96,11 @@ struct PackedPixels {
 };
 
 // Binarizes (x >= 0 is +1; NaN is -1, like the reference) and packs `input` in any memory
-// format and float dtype. Parallel over rows; `isa` only picks the instructions.
-PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa);
+// format and float dtype. Parallel over rows; `isa` only picks the instructions. If given,
+// `row_done(n, grp, h)` runs on the packing thread right after padded row h of (n, grp) is
+// complete, while it is still in cache.
+PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa,
+                         const std::function<void(const PackedPixels&, int64_t, int64_t, int64_t)>& row_done = {});
 
 // The pixel of each tap of output position (oh, ow), tap t = i * kw + j, and the mask of taps
 // that fall inside the image (all taps when pad_value != 0). Returns the mask.
