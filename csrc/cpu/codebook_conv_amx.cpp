@@ -78,8 +78,10 @@ std::vector<int8_t> tap_tables(const PackedCodebook& cb, int64_t taps) {
 // Decoded weights of one 16-channel output block in VNNI order: row j (64 bytes) holds, for
 // output channel o < 16 and q < 4, W[o][k = 4j + q] at byte 4o + q, with k = t * cp + c. Indices
 // past C_in/groups or `cols` read as 0 (their products meet zero inputs, or are not stored).
+// `quads` is scratch for cp / 4 rows of 64 bytes.
 SPARKS_TARGET_AMX void decode_block(const uint8_t* idx, int64_t ld_idx, int64_t cols,
-                                    const int8_t* tables, const Plan& p, uint8_t* out) {
+                                    const int8_t* tables, const Plan& p, uint8_t* quads,
+                                    uint8_t* out) {
   // byte 4o + q <- byte o of lane q: a 4 x 16 byte transpose.
   alignas(64) static const uint8_t kQuad[64] = {
       0, 16, 32, 48, 1, 17, 33, 49, 2, 18, 34, 50, 3, 19, 35, 51, 4, 20, 36, 52, 5, 21, 37, 53,
@@ -87,20 +89,25 @@ SPARKS_TARGET_AMX void decode_block(const uint8_t* idx, int64_t ld_idx, int64_t 
       12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};
   const __m512i quad_perm = _mm512_load_si512(kQuad);
   const __mmask16 colmask = static_cast<__mmask16>(cols >= 16 ? 0xffff : (1u << cols) - 1);
-  for (int64_t cq = 0; cq < p.cp / 4; ++cq) {
-    // Input channel 4cq + q's 16 indices in lane q (masked loads do not fault past the table).
+  const int64_t cq_count = p.cp / 4;
+  for (int64_t cq = 0; cq < cq_count; ++cq) {
+    // Input channel 4cq + q's 16 indices in lane q (masked loads do not fault past the table),
+    // then byte 4o + q = idx[4cq + q][o].
     const int64_t c = 4 * cq;
     __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(colmask, idx + c * ld_idx));
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(c + 1 < p.cin_g ? colmask : 0, idx + (c + 1) * ld_idx), 1);
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(c + 2 < p.cin_g ? colmask : 0, idx + (c + 2) * ld_idx), 2);
     v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(c + 3 < p.cin_g ? colmask : 0, idx + (c + 3) * ld_idx), 3);
-    const __m512i quad = _mm512_permutexvar_epi8(quad_perm, v);  // byte 4o + q = idx[4cq + q][o]
-    for (int64_t t = 0; t < p.taps; ++t) {
-      const __m512i table = _mm512_loadu_si512(tables + 64 * t);
-      _mm512_store_si512(out + (t * p.cp / 4 + cq) * 64, _mm512_permutexvar_epi8(quad, table));
-    }
+    _mm512_store_si512(quads + cq * 64, _mm512_permutexvar_epi8(quad_perm, v));
   }
-  const int64_t used = p.taps * p.cp / 4;
+  // Tap-major, so that the stores run sequentially through `out`.
+  for (int64_t t = 0; t < p.taps; ++t) {
+    const __m512i table = _mm512_loadu_si512(tables + 64 * t);
+    uint8_t* row = out + t * cq_count * 64;
+    for (int64_t cq = 0; cq < cq_count; ++cq)
+      _mm512_store_si512(row + cq * 64, _mm512_permutexvar_epi8(_mm512_load_si512(quads + cq * 64), table));
+  }
+  const int64_t used = p.taps * cq_count;
   std::memset(out + used * 64, 0, (p.k_pad / 4 - used) * 64);
 }
 
@@ -270,7 +277,8 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
   const int64_t splits = channel_splits(per_split, pairs, 2 * p.block_bytes(), at::get_num_threads());
 
   at::parallel_for(0, splits * per_split, 1, [&](int64_t begin, int64_t end) {
-    static thread_local Workspace panel_space, weight_space;
+    static thread_local Workspace panel_space, weight_space, quad_space;
+    uint8_t* quads = quad_space.get(p.cp / 4 * 64, false);
     uint8_t* panel = direct ? nullptr : panel_space.get(kBlock * p.k_pad, false);
     if (!direct)
       for (int64_t r = 0; r < kBlock; ++r)
@@ -290,7 +298,7 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
         for (int64_t ob = 2 * pair0; ob < 2 * pair1; ++ob) {
           const int64_t co0 = ob * kTileRows;
           const int64_t cols = std::clamp<int64_t>(p.cout_g - co0, 0, kTileRows);
-          decode_block(idx + grp * p.cout_g + co0, g.out_channels, cols, tables.data(), p,
+          decode_block(idx + grp * p.cout_g + co0, g.out_channels, cols, tables.data(), p, quads,
                        weights + (ob - 2 * pair0) * p.block_bytes());
         }
         decoded = split * g.groups + grp;
