@@ -45,10 +45,14 @@ def machine_line(data):
     cpu = data["machine_info"].get("cpu", {})
     threads = {r["extra_info"].get("threads") for r in data["benchmarks"]}
     torch_versions = {r["extra_info"].get("torch") for r in data["benchmarks"]}
+    kernels = {r["extra_info"].get("sparks_kernel", "?") for r in data["benchmarks"]}
+    onednn = {r["extra_info"].get("onednn_isa", "default") for r in data["benchmarks"]}
     return (f"CPU: {cpu.get('brand_raw', data['machine_info'].get('processor', '?'))} "
             f"({cpu.get('count', '?')} logical CPUs, {cpu.get('hz_advertised_friendly', '?')}); "
             f"threads: {', '.join(str(t) for t in sorted(threads))}; "
             f"torch {', '.join(str(v) for v in sorted(torch_versions, key=str))}; "
+            f"sparks kernels: {', '.join(sorted(kernels))}; "
+            f"oneDNN ISA cap: {', '.join(sorted(onednn))}; "
             f"run {data.get('datetime', '?')}")
 
 
@@ -59,7 +63,8 @@ def markdown(data, rows, order):
     main = f"sparks conv2d n={TARGET_N}"
     lines = ["# CPU benchmark: sparks_ext.conv2d vs torch and the dense XNOR conv", "",
              machine_line(data), "",
-             "Median latency in ms (pytest-benchmark, one process, ResNet-18 3x3 layers, padding 1). "
+             "Median latency in ms (pytest-benchmark, one process, torch.inference_mode(), "
+             "ResNet-18 3x3 layers, padding 1). "
              "Speed-up = baseline median / `conv2d` (n = 32) median; > 1 means `conv2d` is faster. "
              "BOPs per DESIGN.md section 3 for the whole batch; weight bytes as stored (fp32 / bf16 / "
              "int8 dense, 1 bit per binary weight, ceil(log2 n)-bit indices + codebook).", "",

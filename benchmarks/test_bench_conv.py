@@ -5,7 +5,8 @@ Run the suite and the report with:
     pytest benchmarks --benchmark-json=benchmarks/results.json && \\
         python benchmarks/report.py benchmarks/results.json
 
-Every case runs in one process with 2 threads (SPARKS_BENCH_THREADS overrides); extra_info records the layer, the BOPs
+Every case runs in one process with 2 threads (SPARKS_BENCH_THREADS overrides), under
+torch.inference_mode(); extra_info records the layer, the BOPs
 (DESIGN.md section 3) and the weight bytes, which report.py turns into a table and a chart.
 """
 from __future__ import annotations
@@ -73,9 +74,18 @@ def two_threads():
 
 
 def _run(benchmark, fn, layer, batch, impl, bops, weight_bytes, n=None):
+    """Times fn under torch.inference_mode(), as a deployed model runs: no implementation pays
+    for autograd bookkeeping (ours would pay its Python autograd wrapper, ~15 us per call)."""
+    with torch.inference_mode():
+        _timed(benchmark, fn, layer, batch, impl, bops, weight_bytes, n)
+
+
+def _timed(benchmark, fn, layer, batch, impl, bops, weight_bytes, n):
     fn()  # warm-up outside the timing (allocations, oneDNN primitive creation)
     benchmark.extra_info.update(
         layer=layer.name, batch=batch, impl=impl, n=n, threads=torch.get_num_threads(), torch=torch.__version__,
+        sparks_kernel=os.environ.get("SPARKS_CPU_KERNEL", "auto") + " of " + "/".join(sparks_ext.ops.cpu_kernels()),
+        onednn_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
         macs=layer.macs() * batch, bops=bops * batch if bops else None, weight_bytes=weight_bytes)
     rounds = 15 if batch == 1 else 5
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
