@@ -45,6 +45,7 @@ FAST_CASES = [
          pad_value=-1.0, ternary=True),
     Case(batch=1, in_channels=192, out_channels=96, size=(5, 5), n=32, groups=3, layout="channels_last"),
     Case(batch=1, in_channels=64, out_channels=32, size=(5, 4), kernel=(8, 8), padding=(3, 3), n=32),
+    Case(batch=2, in_channels=136, out_channels=40, size=(6, 5), n=32, pad_value=1.0, layout="channels_last"),
 ]
 
 

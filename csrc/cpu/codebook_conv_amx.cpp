@@ -128,6 +128,38 @@ SPARKS_TARGET_AMX void expand_row(const PackedPixels& px, const ConvGeometry& g,
   }
 }
 
+// Row h of the padded int8 image straight from float32 input whose channels are contiguous
+// (channels_last): x points at pixel (h - pad_h, 0), channel grp * C_in/groups. Padding rows and
+// columns hold the pad value (0, or +-1 on the channels).
+SPARKS_TARGET_AMX void binarize_row(const float* x, int64_t s_w, const ConvGeometry& g,
+                                    const Plan& p, int64_t h, uint8_t* out) {
+  const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t chunks = (p.cp + 63) / 64, wp = g.in_w + 2 * g.pad_w;
+  const int8_t pad = g.pad_value > 0 ? 1 : g.pad_value < 0 ? -1 : 0;
+  const bool pad_row = h < g.pad_h || h >= g.pad_h + g.in_h;
+  for (int64_t w = 0; w < wp; ++w, out += p.cp) {
+    const bool pad_pixel = pad_row || w < g.pad_w || w >= g.pad_w + g.in_w;
+    const float* px = x + (w - g.pad_w) * s_w;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t count = std::min<int64_t>(64, p.cin_g - 64 * k);
+      const __mmask64 channels = low_bits(count);
+      __m512i v;
+      if (pad_pixel) {
+        v = _mm512_maskz_mov_epi8(channels, _mm512_set1_epi8(pad));
+      } else {
+        uint64_t bits = 0;
+        for (int64_t c = 0; c < count; c += 16) {
+          const __mmask16 m = static_cast<__mmask16>(low_bits(std::min<int64_t>(16, count - c)));
+          bits |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, px + 64 * k + c), zero, _CMP_GE_OQ)} << c;
+        }
+        v = _mm512_maskz_mov_epi8(channels, _mm512_mask_blend_epi8(bits, minus, plus));
+      }
+      _mm512_mask_storeu_epi8(out + 64 * k, low_bits(std::min<int64_t>(64, p.cp - 64 * k)), v);
+    }
+  }
+}
+
 // Patch rows of positions p0 .. p0 + 31 from the int8 image of one (image, group): row r, bytes
 // [t * cp, t * cp + cp) = the pixel under tap t. Rows past `rows` are zero, and so are the bytes
 // past taps * cp, from the workspace's zeroing when this thread's panel was made.
@@ -237,18 +269,31 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
   p.k_pad = (p.taps * p.cp + kTileK - 1) / kTileK * kTileK;
   p.n_blocks = (p.cout_g + kBlock - 1) / kBlock * 2;
 
-  // The input as int8 pixels, (N, groups, Hp, Wp, cp) bytes, expanded from each packed row as
-  // it is made, plus slack for the reads of the direct mode's last block.
+  // The input as int8 pixels, (N, groups, Hp, Wp, cp) bytes, plus slack for the reads of the
+  // direct mode's last block.
   const int64_t hp = g.in_h + 2 * g.pad_h, wp = g.in_w + 2 * g.pad_w;
   const int64_t image_bytes = hp * wp * p.cp;
   const int64_t slack = (kBlock + (g.kernel_w - 1) * g.dil_w) * p.cp;
   static thread_local Workspace image_space;
   uint8_t* images = image_space.get(g.batch * g.groups * image_bytes + slack, false);
   std::memset(images + g.batch * g.groups * image_bytes, 0, slack);
-  pack_pixels(input, g, Isa::kAmx,
-      [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
-        expand_row(packed, g, p, n, grp, h, images + ((n * g.groups + grp) * hp + h) * wp * p.cp);
-      });
+  if (input.scalar_type() == at::kFloat && input.stride(1) == 1) {
+    // float32 with contiguous channels (channels_last, the fastest input): compares straight
+    // into int8 pixels (10% faster than packing bits first on 64->64@56).
+    const float* x = input.data_ptr<float>();
+    at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t h = row % hp, grp = (row / hp) % g.groups, n = row / (hp * g.groups);
+        binarize_row(x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) + grp * p.cin_g,
+                     input.stride(3), g, p, h, images + row * wp * p.cp);
+      }
+    });
+  } else {  // any dtype and layout: packed bits (packing.h), expanded row by row while in cache
+    pack_pixels(input, g, Isa::kAmx,
+        [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
+          expand_row(packed, g, p, n, grp, h, images + ((n * g.groups + grp) * hp + h) * wp * p.cp);
+        });
+  }
 
   // Direct mode (stride 1, channels a multiple of 64): A tiles are read straight from the int8
   // image. Output position (oh, ow) is virtual row q = oh * Wp + ow, whose tap (i, j) pixel is

@@ -408,9 +408,10 @@ namespace {
 SPARKS_AVX512 void store_f32_rows_avx512(float* out, int64_t s_h, int64_t s_w, int64_t out_w,
                                          const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
                                          int64_t cols, const float* scale, const float* bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = p0 + r;
-    float* dst = out + (p / out_w) * s_h + (p % out_w) * s_w;
+  int64_t oh = p0 / out_w, ow = p0 % out_w;  // stepped, not divided, per row
+  for (int64_t r = 0; r < rows; ++r, ++ow) {
+    if (ow == out_w) ow = 0, ++oh;
+    float* dst = out + oh * s_h + ow * s_w;
     const int32_t* src = tile + r * ld;
     for (int64_t c = 0; c < cols; c += 16) {
       const int64_t left = std::min<int64_t>(16, cols - c);
@@ -433,9 +434,10 @@ SPARKS_AVX512 void store_bf16_rows_avx512(uint16_t* out, int64_t s_h, int64_t s_
                                           const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
                                           int64_t cols, const c10::BFloat16* scale,
                                           const c10::BFloat16* bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = p0 + r;
-    uint16_t* dst = out + (p / out_w) * s_h + (p % out_w) * s_w;
+  int64_t oh = p0 / out_w, ow = p0 % out_w;  // stepped, not divided, per row
+  for (int64_t r = 0; r < rows; ++r, ++ow) {
+    if (ow == out_w) ow = 0, ++oh;
+    uint16_t* dst = out + oh * s_h + ow * s_w;
     const int32_t* src = tile + r * ld;
     for (int64_t c = 0; c < cols; c += 16) {
       const int64_t left = std::min<int64_t>(16, cols - c);
@@ -501,9 +503,10 @@ void TileWriter::store_impl(const TileWriter& w, const int32_t* tile, int64_t ld
   // One branch-free loop per (scale, bias) case so that the compiler vectorizes the
   // channels-contiguous (channels_last) case.
   const auto rows_loop = [&](auto value) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t p = p0 + r;
-      scalar_t* dst = out + (p / w.out_w_) * s_h + (p % w.out_w_) * s_w;
+    int64_t oh = p0 / w.out_w_, ow = p0 % w.out_w_;  // stepped, not divided, per row
+    for (int64_t r = 0; r < rows; ++r, ++ow) {
+      if (ow == w.out_w_) ow = 0, ++oh;
+      scalar_t* dst = out + oh * s_h + ow * s_w;
       const int32_t* src = tile + r * ld;
       if (s_c == 1) {
         for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(value(src[c], c));
