@@ -11,10 +11,12 @@
 //  - Weights: W[o][t][c] = codebook[idx[c][o]][t] as int8, in the tile unit's VNNI layout (per
 //    block of 16 output channels, rows of 16 channels x 4 consecutive K entries). One `vpermb`
 //    of a 64-byte per-tap table decodes one such row (64 weights) from 64 index bytes, so the
-//    whole decode is C_out x C_in x taps / 64 permutes per call, and no dense weight is kept.
-//  - Input: each packed row (packing.h) is expanded, while in cache, into int8 pixels of the
-//    padded image (+1 / -1, 0 for zero padding: pad_value = 0 needs no correction, and ternary
-//    codewords decode to 0 the same way). With stride 1 and C_in/groups a multiple of 64, tile
+//    whole decode is C_out x C_in x taps / 64 permutes per call, into a per-thread workspace of
+//    at most kWeightBudget (L2) per range of output channels; no dense weight is kept.
+//  - Input: the padded image as int8 pixels (+1 / -1, 0 for zero padding: pad_value = 0 needs
+//    no correction, and ternary codewords decode to 0 the same way), compared straight from
+//    float32 channels_last input, else expanded from packed bits (packing.h). With stride 1 and
+//    C_in/groups a multiple of 64, tile
 //    loads read A straight from that image (direct mode, below); otherwise each 32-position
 //    block's patch rows are copied into a panel first (patch mode).
 //  - Product: 2 x 2 tiles (32 positions x 32 channels) per step of 64 K bytes: 2 A and 2 B tile
