@@ -222,17 +222,22 @@ SPARKS_TARGET_AMX void load_tile_config() { _tile_loadconfig(&kTileConfig); }
 SPARKS_TARGET_AMX void release_tiles() { _tile_release(); }
 
 // A 64-byte aligned byte buffer that keeps its memory between calls (per thread), so that the
-// decoded weights and patch rows do not pay fresh pages on every call.
+// int8 image, decoded weights and patch rows do not pay fresh pages on every call. trim() gives
+// back a buffer over kKeptBytes (a large batch's image) instead of keeping it.
 class Workspace {
  public:
-  uint8_t* get(int64_t bytes, bool zero) {
+  static constexpr int64_t kKeptBytes = 16 << 20;
+
+  uint8_t* get(int64_t bytes) {
     if (bytes + 64 > size_) {
       raw_.reset(new uint8_t[bytes + 64]);
       size_ = bytes + 64;
     }
-    uint8_t* data = raw_.get() + ((64 - reinterpret_cast<uintptr_t>(raw_.get()) % 64) % 64);
-    if (zero) std::memset(data, 0, bytes);
-    return data;
+    return raw_.get() + ((64 - reinterpret_cast<uintptr_t>(raw_.get()) % 64) % 64);
+  }
+
+  void trim() {
+    if (size_ > kKeptBytes) raw_.reset(), size_ = 0;
   }
 
  private:
@@ -277,7 +282,7 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
   const int64_t image_bytes = hp * wp * p.cp;
   const int64_t slack = (kBlock + (g.kernel_w - 1) * g.dil_w) * p.cp;
   static thread_local Workspace image_space;
-  uint8_t* images = image_space.get(g.batch * g.groups * image_bytes + slack, false);
+  uint8_t* images = image_space.get(g.batch * g.groups * image_bytes + slack);
   std::memset(images + g.batch * g.groups * image_bytes, 0, slack);
   if (input.scalar_type() == at::kFloat && input.stride(1) == 1) {
     // float32 with contiguous channels (channels_last, the fastest input): compares straight
@@ -325,13 +330,13 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
 
   at::parallel_for(0, splits * per_split, 1, [&](int64_t begin, int64_t end) {
     static thread_local Workspace panel_space, weight_space, quad_space;
-    uint8_t* quads = quad_space.get(p.cp / 4 * 64, false);
-    uint8_t* panel = direct ? nullptr : panel_space.get(kBlock * p.k_pad, false);
+    uint8_t* quads = quad_space.get(p.cp / 4 * 64);
+    uint8_t* panel = direct ? nullptr : panel_space.get(kBlock * p.k_pad);
     if (!direct)
       for (int64_t r = 0; r < kBlock; ++r)
         std::memset(panel + r * p.k_pad + p.taps * p.cp, 0, p.k_pad - p.taps * p.cp);
     const int64_t range_pairs = (pairs + splits - 1) / splits;
-    uint8_t* weights = weight_space.get(range_pairs * 2 * p.block_bytes(), false);
+    uint8_t* weights = weight_space.get(range_pairs * 2 * p.block_bytes());
     alignas(64) int32_t c[kBlock * kBlock];
     load_tile_config();
     int64_t decoded = -1, filled = -1;  // the weights and patch rows in the workspaces
@@ -373,7 +378,10 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
       }
     }
     release_tiles();
+    panel_space.trim();
+    weight_space.trim();
   });
+  image_space.trim();
 }
 
 }  // namespace cpu
