@@ -1,7 +1,10 @@
-"""Turns a pytest-benchmark JSON of benchmarks/test_bench_conv.py into a markdown report and a
+"""Turns pytest-benchmark JSONs of benchmarks/test_bench_conv.py into a markdown report and a
 bar chart.
 
-    python benchmarks/report.py results.json [--out benchmarks/RESULTS.md] [--png benchmarks/results.png]
+    python benchmarks/report.py results.json [more.json ...] [--out benchmarks/RESULTS.md] [--png benchmarks/results.png]
+
+With several runs of the suite, each cell is the median over the runs of each run's median
+(this shared VM moves single medians by up to ~20% between runs).
 
 Per layer and batch: median latency of every implementation, the codebook conv's speed-up against
 each baseline (baseline median / conv2d median, > 1 = conv2d faster), BOPs and weight bytes, and
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 from collections import defaultdict
 
 BASELINES = ["torch fp32", "torch bf16 CL", "torch int8 CL", "sparks binary"]
@@ -21,20 +25,24 @@ TARGETS = {1: {"torch fp32": 15, "torch bf16 CL": 5, "torch int8 CL": 2, "sparks
 TARGET_N = 32
 
 
-def load(path):
-    data = json.loads(pathlib.Path(path).read_text())
+def load(paths):
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    medians = defaultdict(list)  # (layer, batch, column) -> one median per run
     rows = defaultdict(dict)  # (layer, batch) -> column -> record
     order = []
-    for b in data["benchmarks"]:
-        info = b["extra_info"]
-        key = (info["layer"], info["batch"])
-        if key not in order:
-            order.append(key)
-        column = info["impl"] if info["n"] is None else f"{info['impl']} n={info['n']}"
-        rows[key][column] = dict(info, median=b["stats"]["median"], iqr=b["stats"]["iqr"],
-                                 rounds=b["stats"]["rounds"])
+    for data in runs:
+        for b in data["benchmarks"]:
+            info = b["extra_info"]
+            key = (info["layer"], info["batch"])
+            if key not in order:
+                order.append(key)
+            column = info["impl"] if info["n"] is None else f"{info['impl']} n={info['n']}"
+            medians[key + (column,)].append(b["stats"]["median"])
+            rows[key][column] = dict(info, rounds=b["stats"]["rounds"])
+    for (layer, batch, column), values in medians.items():
+        rows[(layer, batch)][column].update(median=statistics.median(values), runs=len(values))
     first = {k: i for i, k in enumerate(order)}
-    return data, rows, sorted(order, key=lambda k: (k[1], first[k]))
+    return runs[0], len(runs), rows, sorted(order, key=lambda k: (k[1], first[k]))
 
 
 def fmt_time(seconds):
@@ -56,14 +64,15 @@ def machine_line(data):
             f"run {data.get('datetime', '?')}")
 
 
-def markdown(data, rows, order):
+def markdown(data, runs, rows, order):
     n_columns = sorted({c for r in rows.values() for c in r if c.startswith("sparks conv2d n=")},
                        key=lambda c: int(c.split("=")[1]))
     extra = sorted({c for r in rows.values() for c in r} - set(BASELINES) - set(n_columns))
     main = f"sparks conv2d n={TARGET_N}"
     lines = ["# CPU benchmark: sparks_ext.conv2d vs torch and the dense XNOR conv", "",
              machine_line(data), "",
-             "Median latency in ms (pytest-benchmark, one process, torch.inference_mode(), "
+             f"Median latency in ms (pytest-benchmark, one process per run, {runs} run(s) of the suite, "
+             "median over runs of each run's median, torch.inference_mode(), "
              "ResNet-18 3x3 layers, padding 1). "
              "Speed-up = baseline median / `conv2d` (n = 32) median; > 1 means `conv2d` is faster. "
              "BOPs per DESIGN.md section 3 for the whole batch; weight bytes as stored (fp32 / bf16 / "
@@ -136,13 +145,13 @@ def chart(rows, order, png):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON(s) (--benchmark-json)")
     here = pathlib.Path(__file__).parent
     parser.add_argument("--out", default=str(here / "RESULTS.md"))
     parser.add_argument("--png", default=str(here / "results.png"))
     args = parser.parse_args()
-    data, rows, order = load(args.json)
-    text = markdown(data, rows, order)
+    data, runs, rows, order = load(args.json)
+    text = markdown(data, runs, rows, order)
     chart(rows, order, args.png)
     text += f"\n![latency chart]({pathlib.Path(args.png).name})\n"
     # A hand-written analysis after the marker survives regeneration.
