@@ -1,10 +1,11 @@
 // CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
-// Dispatch: with n <= 64 codewords, the amx path decodes the weights and runs int8 tile products
-// (codebook_amx.h, codebook_conv_amx.cpp) on layers wide enough for tiles; with n <= 64 and kh * kw <= 10 taps, the AVX-512 and
-// AVX2 paths run the LUT kernel (codebook_lut.h, codebook_conv_avx512.cpp); the portable path,
-// and every path for larger codebooks or kernels, runs the kernel below. All give identical
-// integers.
+// Dispatch, all giving identical integers:
+//  - amx, n <= 64 codewords, a layer wide enough for tiles: decode the weights, int8 tile
+//    products (codebook_amx.h, codebook_conv_amx.cpp);
+//  - amx / avx512 / avx2, n <= 64 and kh * kw <= 10 taps: the LUT kernel (codebook_lut.h,
+//    codebook_conv_avx512.cpp);
+//  - the portable path, and every path for larger codebooks or kernels: the kernel below.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
 // (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each

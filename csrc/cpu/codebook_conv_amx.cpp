@@ -15,7 +15,8 @@
 //    at most kWeightBudget (L2) per range of output channels; no dense weight is kept.
 //  - Input: the padded image as int8 pixels (+1 / -1, 0 for zero padding: pad_value = 0 needs
 //    no correction, and ternary codewords decode to 0 the same way), compared straight from
-//    float32 channels_last input, else expanded from packed bits (packing.h). With stride 1 and
+//    float32 input with contiguous channels (channels_last), else expanded from packed bits
+//    (packing.h). With stride 1 and
 //    C_in/groups a multiple of 64, tile
 //    loads read A straight from that image (direct mode, below); otherwise each 32-position
 //    block's patch rows are copied into a panel first (patch mode).
@@ -79,7 +80,9 @@ std::vector<int8_t> tap_tables(const PackedCodebook& cb, int64_t taps) {
 
 // Decoded weights of one 16-channel output block in VNNI order: row j (64 bytes) holds, for
 // output channel o < 16 and q < 4, W[o][k = 4j + q] at byte 4o + q, with k = t * cp + c. Indices
-// past C_in/groups or `cols` read as 0 (their products meet zero inputs, or are not stored).
+// past C_in/groups or `cols` are taken as 0, i.e. those weights are codeword 0's: harmless,
+// because the image holds 0 for channels past C_in/groups and columns past `cols` are not
+// stored.
 // `quads` is scratch for cp / 4 rows of 64 bytes.
 SPARKS_TARGET_AMX void decode_block(const uint8_t* idx, int64_t ld_idx, int64_t cols,
                                     const int8_t* tables, const Plan& p, uint8_t* quads,
@@ -131,9 +134,10 @@ SPARKS_TARGET_AMX void expand_row(const PackedPixels& px, const ConvGeometry& g,
 }
 
 // Row h of the padded int8 image straight from float32 input whose channels are contiguous
-// (channels_last): x points at pixel (h - pad_h, 0), channel grp * C_in/groups. Padding rows and
+// (channels_last): `row` points at input pixel (h - pad_h, 0), channel grp * C_in/groups, and is
+// only read for rows and columns inside the image (null for padding rows). Padding rows and
 // columns hold the pad value (0, or +-1 on the channels).
-SPARKS_TARGET_AMX void binarize_row(const float* x, int64_t s_w, const ConvGeometry& g,
+SPARKS_TARGET_AMX void binarize_row(const float* row, int64_t s_w, const ConvGeometry& g,
                                     const Plan& p, int64_t h, uint8_t* out) {
   const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
   const __m512 zero = _mm512_setzero_ps();
@@ -142,7 +146,6 @@ SPARKS_TARGET_AMX void binarize_row(const float* x, int64_t s_w, const ConvGeome
   const bool pad_row = h < g.pad_h || h >= g.pad_h + g.in_h;
   for (int64_t w = 0; w < wp; ++w, out += p.cp) {
     const bool pad_pixel = pad_row || w < g.pad_w || w >= g.pad_w + g.in_w;
-    const float* px = x + (w - g.pad_w) * s_w;
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t count = std::min<int64_t>(64, p.cin_g - 64 * k);
       const __mmask64 channels = low_bits(count);
@@ -150,10 +153,11 @@ SPARKS_TARGET_AMX void binarize_row(const float* x, int64_t s_w, const ConvGeome
       if (pad_pixel) {
         v = _mm512_maskz_mov_epi8(channels, _mm512_set1_epi8(pad));
       } else {
+        const float* px = row + (w - g.pad_w) * s_w + 64 * k;
         uint64_t bits = 0;
         for (int64_t c = 0; c < count; c += 16) {
           const __mmask16 m = static_cast<__mmask16>(low_bits(std::min<int64_t>(16, count - c)));
-          bits |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, px + 64 * k + c), zero, _CMP_GE_OQ)} << c;
+          bits |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, px + c), zero, _CMP_GE_OQ)} << c;
         }
         v = _mm512_maskz_mov_epi8(channels, _mm512_mask_blend_epi8(bits, minus, plus));
       }
@@ -193,9 +197,13 @@ SPARKS_TARGET_AMX void patch_rows(const uint8_t* image, const ConvGeometry& g, c
 // C[32 x 32] int32 (row stride 32) = A (32 rows x K) times the two decoded blocks b0, b1 (K x 16
 // each, VNNI rows of 64 bytes). A's K step s of tile rows 0-15 starts at a + a_step[s], rows
 // a_ld bytes apart; rows 16-31 start a_half bytes later.
-SPARKS_TARGET_AMX void tile_product(const uint8_t* a, int64_t a_ld, const int64_t* a_step,
+// GCC's tile intrinsics are asm statements that do not declare the memory they read or write:
+// out of line, and with compiler barriers, so the panel / weight stores before and the reads of
+// `c` after are not moved across them.
+__attribute__((noinline)) SPARKS_TARGET_AMX void tile_product(const uint8_t* a, int64_t a_ld, const int64_t* a_step,
                                     int64_t steps, int64_t a_half, const uint8_t* b0,
                                     const uint8_t* b1, int32_t* c) {
+  asm volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -216,6 +224,7 @@ SPARKS_TARGET_AMX void tile_product(const uint8_t* a, int64_t a_ld, const int64_
   _tile_stored(1, c + kTileRows, ld);
   _tile_stored(2, c + kTileRows * kBlock, ld);
   _tile_stored(3, c + kTileRows * kBlock + kTileRows, ld);
+  asm volatile("" ::: "memory");
 }
 
 SPARKS_TARGET_AMX void load_tile_config() { _tile_loadconfig(&kTileConfig); }
@@ -291,8 +300,11 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
     at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t h = row % hp, grp = (row / hp) % g.groups, n = row / (hp * g.groups);
-        binarize_row(x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) + grp * p.cin_g,
-                     input.stride(3), g, p, h, images + row * wp * p.cp);
+        const bool inside = h >= g.pad_h && h < g.pad_h + g.in_h;
+        const float* in_row = inside ? x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) +
+                                           grp * p.cin_g
+                                     : nullptr;
+        binarize_row(in_row, input.stride(3), g, p, h, images + row * wp * p.cp);
       }
     });
   } else {  // any dtype and layout: packed bits (packing.h), expanded row by row while in cache
@@ -342,8 +354,10 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
     int64_t decoded = -1, filled = -1;  // the weights and patch rows in the workspaces
     for (int64_t work = begin; work < end; ++work) {
       const int64_t split = work / per_split, item = work % per_split;
-      const int64_t m = item % p.m_blocks, image = item / p.m_blocks;  // image = n * groups + grp
-      const int64_t img = image / g.groups, grp = image % g.groups;
+      // Items run position blocks fastest, then images, then groups, so that a thread's
+      // decoded weights (of one group) serve all its images.
+      const int64_t m = item % p.m_blocks, img = item / p.m_blocks % g.batch;
+      const int64_t grp = item / (p.m_blocks * g.batch);
       const int64_t pair0 = split * pairs / splits, pair1 = (split + 1) * pairs / splits;
       if (decoded != split * g.groups + grp) {
         // This range's weights: one vpermb per 64 of them (decode_block).
@@ -355,7 +369,7 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
         }
         decoded = split * g.groups + grp;
       }
-      const uint8_t* image_data = images + image * image_bytes;
+      const uint8_t* image_data = images + (img * g.groups + grp) * image_bytes;
       const int64_t q0 = m * kBlock, rows = std::min(kBlock, p.positions - q0);
       const uint8_t* a = direct ? image_data + q0 * p.cp : panel;
       if (!direct && filled != item) {
