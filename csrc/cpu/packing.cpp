@@ -422,52 +422,41 @@ at::Tensor index_table(const at::Tensor& indices) {
 #if defined(__x86_64__)
 namespace {
 
-// float32 channels_last rows: 16 channels per convert (+ multiply, add).
-SPARKS_AVX512 void store_f32_rows_avx512(float* out, int64_t s_h, int64_t s_w, int64_t out_w,
-                                         const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
-                                         int64_t cols, const float* scale, const float* bias) {
-  int64_t oh = p0 / out_w, ow = p0 % out_w;  // stepped, not divided, per row
-  for (int64_t r = 0; r < rows; ++r, ++ow) {
-    if (ow == out_w) ow = 0, ++oh;
-    float* dst = out + oh * s_h + ow * s_w;
-    const int32_t* src = tile + r * ld;
-    for (int64_t c = 0; c < cols; c += 16) {
-      const int64_t left = std::min<int64_t>(16, cols - c);
-      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
-      __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
-      if (scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, scale + c));
-      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
-      _mm512_mask_storeu_ps(dst + c, m, v);
-    }
-  }
-}
-
-SPARKS_AVX512 inline __m512 widen_bf16(const c10::BFloat16* p, __mmask16 m) {
+// 16 channels of float32 / bfloat16 (widened exactly: a 16-bit shift) as float32 lanes.
+SPARKS_AVX512 inline __m512 load_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+SPARKS_AVX512 inline __m512 load_lanes(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p))), 16));
 }
 
-// bfloat16 channels_last rows: float32 as above, rounded to nearest even (the results are finite).
-SPARKS_AVX512 void store_bf16_rows_avx512(uint16_t* out, int64_t s_h, int64_t s_w, int64_t out_w,
-                                          const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
-                                          int64_t cols, const c10::BFloat16* scale,
-                                          const c10::BFloat16* bias) {
+// Stores 16 float32 lanes as float32, or as bfloat16 rounded to nearest even (the results are
+// finite).
+SPARKS_AVX512 inline void store_lanes(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+SPARKS_AVX512 inline void store_lanes(c10::BFloat16* p, __mmask16 m, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, _mm512_cvtepi32_epi16(rounded));
+}
+
+// float32 / bfloat16 channels_last rows: 16 channels per convert (+ multiply, add) in float32.
+template <typename T>
+SPARKS_AVX512 void store_rows_avx512(T* out, int64_t s_h, int64_t s_w, int64_t out_w,
+                                     const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
+                                     int64_t cols, const T* scale, const T* bias) {
   int64_t oh = p0 / out_w, ow = p0 % out_w;  // stepped, not divided, per row
   for (int64_t r = 0; r < rows; ++r, ++ow) {
     if (ow == out_w) ow = 0, ++oh;
-    uint16_t* dst = out + oh * s_h + ow * s_w;
+    T* dst = out + oh * s_h + ow * s_w;
     const int32_t* src = tile + r * ld;
     for (int64_t c = 0; c < cols; c += 16) {
       const int64_t left = std::min<int64_t>(16, cols - c);
       const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
       __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
-      if (scale) v = _mm512_mul_ps(v, widen_bf16(scale + c, m));
-      if (bias) v = _mm512_add_ps(v, widen_bf16(bias + c, m));
-      const __m512i bits = _mm512_castps_si512(v);
-      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      const __m512i rounded = _mm512_srli_epi32(
-          _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-      _mm256_mask_storeu_epi16(dst + c, m, _mm512_cvtepi32_epi16(rounded));
+      if (scale) v = _mm512_mul_ps(v, load_lanes(scale + c, m));
+      if (bias) v = _mm512_add_ps(v, load_lanes(bias + c, m));
+      store_lanes(dst + c, m, v);
     }
   }
 }
@@ -490,20 +479,16 @@ TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>
 void TileWriter::store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows,
                        int64_t co0, int64_t cols) const {
 #if defined(__x86_64__)
-  if (fast_rows_ && output_.scalar_type() == at::kBFloat16) {
-    const at::Tensor& o = output_;
-    return store_bf16_rows_avx512(
-        reinterpret_cast<uint16_t*>(o.data_ptr<at::BFloat16>()) + n * o.stride(0) + co0, o.stride(2),
-        o.stride(3), out_w_, tile, ld, p0, rows, cols,
-        scale_.defined() ? scale_.data_ptr<at::BFloat16>() + co0 : nullptr,
-        bias_.defined() ? bias_.data_ptr<at::BFloat16>() + co0 : nullptr);
-  }
   if (fast_rows_) {
-    const at::Tensor& o = output_;
-    return store_f32_rows_avx512(o.data_ptr<float>() + n * o.stride(0) + co0, o.stride(2), o.stride(3),
-                                 out_w_, tile, ld, p0, rows, cols,
-                                 scale_.defined() ? scale_.data_ptr<float>() + co0 : nullptr,
-                                 bias_.defined() ? bias_.data_ptr<float>() + co0 : nullptr);
+    const auto rows_of = [&](auto* data) {
+      using T = std::remove_pointer_t<decltype(data)>;
+      const at::Tensor& o = output_;
+      store_rows_avx512<T>(data + n * o.stride(0) + co0, o.stride(2), o.stride(3), out_w_, tile, ld,
+                           p0, rows, cols, scale_.defined() ? scale_.data_ptr<T>() + co0 : nullptr,
+                           bias_.defined() ? bias_.data_ptr<T>() + co0 : nullptr);
+    };
+    if (output_.scalar_type() == at::kBFloat16) return rows_of(output_.data_ptr<at::BFloat16>());
+    return rows_of(output_.data_ptr<float>());
   }
 #endif
   store_(*this, tile, ld, n, p0, rows, co0, cols);
