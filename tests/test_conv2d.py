@@ -57,21 +57,6 @@ def test_int_and_pair_arguments_agree(device):
     assert torch.equal(a, b)
 
 
-def test_thread_count_does_not_change_results():
-    case = Case(batch=3, in_channels=32, out_channels=48, size=(15, 15), n=32)
-    x, cb, idx = case.make_input(), case.make_codebook(), case.make_indices()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = sparks_ext.conv2d(x, cb, idx, padding=1)
-        torch.set_num_threads(max(2, threads))
-        many = sparks_ext.conv2d(x, cb, idx, padding=1)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, many)
-    assert torch.equal(one, conv2d_reference(x, cb, idx, padding=1))
-
-
 # ---------------------------------------------------------------------------------------------
 # Autograd: straight-through estimator to the input (clipped to |x| <= 1), exact gradients to
 # scale and bias, and the dense-weight gradient summed into a floating codebook.

@@ -3,7 +3,6 @@
 The families are forced with SPARKS_CPU_KERNEL, which the op reads at every call. Results must be
 bit-identical to the reference (and so to each other) without scale/bias.
 """
-import dataclasses
 
 import pytest
 import torch
@@ -113,8 +112,10 @@ def test_extreme_sums_do_not_overflow(kernel, in_channels, path):
     assert torch.equal(sparks_ext.binary_conv2d(x, w), binary_conv2d_reference(x, w))
 
 
-def test_thread_counts_agree(path):
-    case = Case(batch=1, in_channels=64, out_channels=256, size=(7, 7), n=32)
+@pytest.mark.parametrize("case", [Case(batch=1, in_channels=64, out_channels=256, size=(7, 7), n=32),
+                                  Case(batch=3, in_channels=32, out_channels=48, size=(15, 15), n=32)],
+                         ids=lambda c: c.id)
+def test_thread_counts_agree(case, path):
     x, cb, idx = case.make_input(), case.make_codebook(), case.make_indices()
     threads = torch.get_num_threads()
     try:
@@ -125,6 +126,7 @@ def test_thread_counts_agree(path):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+    assert torch.equal(one, conv2d_reference(x, cb, idx, padding=1))
 
 
 def test_paths_are_listed():
