@@ -25,6 +25,7 @@
 #include "codebook_amx.h"
 
 #include "cpu_features.h"
+#include "workspace.h"
 
 #if SPARKS_AMX_COMPILED
 #include <ATen/ATen.h>
@@ -33,7 +34,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #define SPARKS_TARGET_AMX \
@@ -229,30 +229,6 @@ __attribute__((noinline)) SPARKS_TARGET_AMX void tile_product(const uint8_t* a, 
 
 SPARKS_TARGET_AMX void load_tile_config() { _tile_loadconfig(&kTileConfig); }
 SPARKS_TARGET_AMX void release_tiles() { _tile_release(); }
-
-// A 64-byte aligned byte buffer that keeps its memory between calls (per thread), so that the
-// int8 image, decoded weights and patch rows do not pay fresh pages on every call. trim() gives
-// back a buffer over kKeptBytes (a large batch's image) instead of keeping it.
-class Workspace {
- public:
-  static constexpr int64_t kKeptBytes = 16 << 20;
-
-  uint8_t* get(int64_t bytes) {
-    if (bytes + 64 > size_) {
-      raw_.reset(new uint8_t[bytes + 64]);
-      size_ = bytes + 64;
-    }
-    return raw_.get() + ((64 - reinterpret_cast<uintptr_t>(raw_.get()) % 64) % 64);
-  }
-
-  void trim() {
-    if (size_ > kKeptBytes) raw_.reset(), size_ = 0;
-  }
-
- private:
-  std::unique_ptr<uint8_t[]> raw_;
-  int64_t size_ = 0;
-};
 
 // How many ranges of output-channel pairs the work is split into: each range's decoded weights
 // stay under kWeightBudget (L2), and there are enough (range, position block) items to keep every

@@ -1,11 +1,11 @@
 #include "codebook_lut.h"
+#include "workspace.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 namespace sparks {
@@ -82,8 +82,8 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
   at::parallel_for(0, per_image * tiles * co_split, 1, [&](int64_t begin, int64_t end) {
     // This thread's LUT copy with its border scratch rows behind it, so that one 32-bit offset
     // from one base addresses any row.
-    std::unique_ptr<uint8_t[]> rows_buf(new uint8_t[lut_bytes + scratch_rows * kLutRow + 64]);
-    uint8_t* base = rows_buf.get() + ((64 - reinterpret_cast<uintptr_t>(rows_buf.get()) % 64) % 64);
+    static thread_local Workspace rows_space;
+    uint8_t* base = rows_space.get(lut_bytes + scratch_rows * kLutRow);
     std::memcpy(base, lut.data_ptr<uint8_t>(), lut_bytes);
     std::vector<uint32_t> offsets(tile * cin_g);
     std::vector<const uint64_t*> pixels(taps);
