@@ -76,19 +76,15 @@ def two_threads():
 def _run(benchmark, fn, layer, batch, impl, bops, weight_bytes, n=None):
     """Times fn under torch.inference_mode(), as a deployed model runs: no implementation pays
     for autograd bookkeeping (ours would pay its Python autograd wrapper, ~15 us per call)."""
-    with torch.inference_mode():
-        _timed(benchmark, fn, layer, batch, impl, bops, weight_bytes, n)
-
-
-def _timed(benchmark, fn, layer, batch, impl, bops, weight_bytes, n):
-    fn()  # warm-up outside the timing (allocations, oneDNN primitive creation)
     benchmark.extra_info.update(
         layer=layer.name, batch=batch, impl=impl, n=n, threads=torch.get_num_threads(), torch=torch.__version__,
         sparks_kernel=os.environ.get("SPARKS_CPU_KERNEL", "auto") + " of " + "/".join(sparks_ext.ops.cpu_kernels()),
         onednn_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
         macs=layer.macs() * batch, bops=bops * batch if bops else None, weight_bytes=weight_bytes)
     rounds = 40 if batch == 1 else 10  # medians of many rounds: this shared VM is noisy
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
+    with torch.inference_mode():
+        fn()  # warm-up outside the timing (allocations, oneDNN primitive creation)
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
 
 
 def _input(layer, batch, seed=0):
