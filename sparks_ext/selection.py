@@ -100,6 +100,22 @@ def set_temperature(module: torch.nn.Module, tau: float) -> None:
             m.temperature.fill_(tau)
 
 
+def add_selection_state(layer: torch.nn.Module, n_codewords: int, total: int, sinkhorn_iters: int,
+                        hungarian_every: int, gumbel_scale: float) -> None:
+    """Gives ``layer`` the state :func:`select_codewords` reads, for n_codewords of total
+    codewords: the ``logits`` parameter and the ``temperature``, ``step``, ``noise_seed`` and
+    ``selected`` buffers. Raises ValueError for sinkhorn_iters or hungarian_every below 1."""
+    if sinkhorn_iters < 1 or hungarian_every < 1:
+        raise ValueError(f"sinkhorn_iters ({sinkhorn_iters}) and hungarian_every ({hungarian_every}) must be >= 1")
+    layer.sinkhorn_iters, layer.hungarian_every = sinkhorn_iters, hungarian_every
+    layer.gumbel_scale = float(gumbel_scale)
+    layer.logits = torch.nn.Parameter(0.01 * torch.randn(n_codewords, total))
+    layer.register_buffer("temperature", torch.tensor(1.0))
+    layer.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+    layer.register_buffer("noise_seed", torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64))
+    layer.register_buffer("selected", hungarian(sinkhorn(layer.logits.detach(), sinkhorn_iters)))
+
+
 def select_codewords(layer: torch.nn.Module) -> torch.Tensor:
     """The (n, M) selection matrix of a layer that learns n of M codewords.
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..ops import IntOrPair, conv2d
 from ..packing import full_codebook
 from ..quantizers import sign, sign_ste
-from ..selection import hungarian, select_codewords, sinkhorn
+from ..selection import add_selection_state, select_codewords
 from .binary import _LatentBinaryConv
 from .codebook import CodebookConv2d
 
@@ -128,17 +128,9 @@ class SignedBinaryConv2d(_LatentBinaryConv):
         if isinstance(n_codewords, bool) or not isinstance(n_codewords, int) or not 1 <= n_codewords <= total:
             raise ValueError(f"n_codewords must be None or an int in [1, {total}] for {kh}x{kw} kernels, "
                              f"got {n_codewords!r}")
-        if sinkhorn_iters < 1 or hungarian_every < 1:
-            raise ValueError(f"sinkhorn_iters ({sinkhorn_iters}) and hungarian_every ({hungarian_every}) must be >= 1")
-        self.sinkhorn_iters, self.hungarian_every = sinkhorn_iters, hungarian_every
-        self.gumbel_scale = float(gumbel_scale)
-        self.logits = torch.nn.Parameter(0.01 * torch.randn(n_codewords, total))
+        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale)
         masks = (full_codebook(kh, kw).reshape(total, kh * kw) > 0).float()
         self.register_buffer("masks", masks, persistent=False)
-        self.register_buffer("temperature", torch.tensor(1.0))
-        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
-        self.register_buffer("noise_seed", torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64))
-        self.register_buffer("selected", hungarian(sinkhorn(self.logits.detach(), sinkhorn_iters)))
 
     @property
     def bits_per_weight(self) -> float:
