@@ -22,13 +22,17 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-class SignSTE(torch.autograd.Function):
-    """sign forward; backward passes the gradient where |x| <= 1 and blocks it elsewhere."""
+class _SignForward(torch.autograd.Function):
+    """sign forward, keeping x for the subclass's backward."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
         return sign(x)
+
+
+class SignSTE(_SignForward):
+    """sign forward; backward passes the gradient where |x| <= 1 and blocks it elsewhere."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -36,13 +40,8 @@ class SignSTE(torch.autograd.Function):
         return grad * (x.abs() <= 1).to(grad.dtype)
 
 
-class ApproxSign(torch.autograd.Function):
+class ApproxSign(_SignForward):
     """sign forward; Bi-Real Net's backward d/dx = 2 - 2|x| for |x| < 1, else 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return sign(x)
 
     @staticmethod
     def backward(ctx, grad):
