@@ -1,4 +1,5 @@
-"""The op test grid, shared by every test that runs a conv kernel (all CPU paths, CUDA).
+"""The op test grid, shared by every test that runs a conv kernel (all CPU paths, CUDA), and
+small helpers shared by the layer tests (SteSign, train_steps).
 
 A ``Case`` is one convolution geometry + options; ``Case.make`` builds its tensors
 deterministically. ``GRID`` covers: kernel sizes 1x1, 3x3, 5x5, 1x7 and 8x8 (64 taps), stride,
@@ -28,6 +29,17 @@ class SteSign(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+def train_steps(layer, x, steps=3, lr=0.05):
+    """A few Adam steps on mean(layer(x)^2), so that a training layer's parameters (and its
+    selection state) move off their initial values. Returns the optimizer."""
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    return opt
 
 
 @dataclass(frozen=True)

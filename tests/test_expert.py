@@ -7,6 +7,7 @@ import torch
 
 from sparks_ext.nn import ExpertBinaryConv2d, ExpertCodebookConv2d
 from sparks_ext.reference import conv2d_reference
+from cases import train_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,14 +25,6 @@ VARIANTS = [
 ]
 
 
-def _train_steps(layer, x, steps=3, lr=0.05):
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        layer(x).square().mean().backward()
-        opt.step()
-
-
 def _expert_outputs(layer, x):
     """Every expert's training-mode output, (B, N, C_out, H, W)."""
     y = layer.experts(x)
@@ -44,7 +37,7 @@ def test_to_inference_is_exact_and_routes_each_sample(geom, variant):
     torch.manual_seed(0)
     layer = ExpertBinaryConv2d(kernel_size=3, **geom, **variant)
     x = torch.randn(12, geom["in_channels"], 9, 9)
-    _train_steps(layer, x)
+    train_steps(layer, x)
     layer.eval()
     inference = layer.to_inference()
     assert isinstance(inference, ExpertCodebookConv2d)

@@ -11,6 +11,7 @@ from sparks_ext.nn import SignedBinaryConv2d, SignedCodebookConv2d
 from sparks_ext.nn.signed import ede_parameters, set_ede_progress, signed_binarize
 from sparks_ext.quantizers import sign
 from sparks_ext.reference import conv2d_reference
+from cases import train_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,14 +29,6 @@ VARIANTS = [
     dict(n_codewords=16, hungarian_every=2),
     dict(n_codewords=8, region="kernel", gradient="ede"),
 ]
-
-
-def _train_steps(layer, x, steps=3, lr=0.05):
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        layer(x).square().mean().backward()
-        opt.step()
 
 
 def test_signed_binarize_hand_computed():
@@ -81,7 +74,7 @@ def test_to_inference_is_exact(geom, variant):
     torch.manual_seed(0)
     layer = SignedBinaryConv2d(kernel_size=3, **geom, **variant)
     x = torch.randn(2, geom["in_channels"], 9, 9)
-    _train_steps(layer, x)
+    train_steps(layer, x)
     layer.eval()
     inference = layer.to_inference()
     assert isinstance(inference, SignedCodebookConv2d)

@@ -11,6 +11,7 @@ import sparks_ext
 from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d, XnorConv2d
 from sparks_ext.packing import kernels_to_ids
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
+from cases import train_steps
 
 HAS_BINARY_OP = torch._C._dispatch_has_kernel_for_dispatch_key("sparks::binary_conv2d", "CPU")
 needs_binary_op = pytest.mark.skipif(not HAS_BINARY_OP, reason="sparks::binary_conv2d has no CPU kernel yet")
@@ -26,21 +27,12 @@ GEOMETRIES = [
 ]
 
 
-def _train_steps(layer, x, steps=3, lr=0.05):
-    opt = torch.optim.Adam(layer.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        layer(x).square().mean().backward()
-        opt.step()
-    return opt
-
-
 @pytest.mark.parametrize("geom", GEOMETRIES)
 def test_sparks_to_inference_is_exact(geom):
     torch.manual_seed(0)
     layer = SparksConv2d(kernel_size=3, n_codewords=16, hungarian_every=2, **geom)
     x = torch.randn(2, geom["in_channels"], 9, 9)
-    _train_steps(layer, x)
+    train_steps(layer, x)
     layer.eval()
     inference = layer.to_inference()
     assert isinstance(inference, CodebookConv2d) and inference.n_codewords == 16
@@ -190,7 +182,7 @@ def test_binary_conv_to_inference_is_xnor_conv(geom):
     torch.manual_seed(0)
     layer = BinaryConv2d(kernel_size=3, **geom)
     x = torch.randn(2, geom["in_channels"], 9, 9)
-    _train_steps(layer, x)
+    train_steps(layer, x)
     layer.eval()
     inference = layer.to_inference()
     assert isinstance(inference, XnorConv2d) and inference.weight.dtype == torch.bool
