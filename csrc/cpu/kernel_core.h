@@ -1,0 +1,118 @@
+// ATen-free cores of the CPU kernels that run on ARM (the NEON families), in the manner of
+// torchao's CPU kernels: plain pointers, strides and a geometry struct in, int32 tiles out
+// through a callback, parallelism through a callback. The ATen entry points
+// (neon_aten.cpp) are thin adapters over this; the C++ test (tests/cpp/test_neon_core.cpp)
+// and the instruction-count benchmark drive it directly, cross-compiled for aarch64 and run
+// under qemu, where no PyTorch exists. Nothing here includes ATen or c10.
+//
+// Layouts and conventions are those of packing.h: the channel-packed pixel grid (a pixel is
+// `words` 64-bit words of channel bits, set = +1, padding pixels all ones for pad_value = +1
+// and zero otherwise), tap t = i * kw + j, and the LUT of codebook_lut.h (row x = the responses
+// of the n codewords to patch x, plus taps).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "../conv_geometry.h"
+
+namespace sparks {
+namespace cpu {
+namespace core {
+
+inline uint64_t low_mask(int64_t n) { return n >= 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1); }
+
+// Runs body(begin, end) over ranges that together cover [0, items), possibly on several threads.
+using ParallelFor =
+    std::function<void(int64_t items, const std::function<void(int64_t, int64_t)>& body)>;
+void serial_for(int64_t items, const std::function<void(int64_t, int64_t)>& body);
+
+// Receives an int32 result tile: rows x cols values, row r = flat output position p0 + r of
+// image n (p = oh * out_w + ow), column c = output channel co0 + c, row stride ld. Called from
+// the threads of ParallelFor, on disjoint parts of the output.
+using TileStore = std::function<void(const int32_t* tile, int64_t ld, int64_t n, int64_t p0,
+                                     int64_t rows, int64_t co0, int64_t cols)>;
+
+// The binarized input: one byte per (n, c, h, w), non-zero = +1, at
+// data[n * s_n + c * s_c + h * s_h + w * s_w]. Channels-contiguous (s_c == 1) packs fastest.
+struct InputBits {
+  const uint8_t* data;
+  int64_t s_n, s_c, s_h, s_w;
+};
+
+// Packs count <= 64 contiguous channel bytes into one word (bit i = byte i != 0).
+using PackBytes = uint64_t (*)(const uint8_t* bytes, int64_t count);
+uint64_t pack_bytes_portable(const uint8_t* bytes, int64_t count);
+
+// The channel-packed, padded input grid: uint64 (N, G, Hp, Wp, words).
+struct PixelGrid {
+  std::unique_ptr<uint64_t[]> storage;
+  const uint64_t* data = nullptr;
+  int64_t groups = 0, hp = 0, wp = 0, words = 0, stride_h = 1, stride_w = 1;
+  // Word offset of each tap's pixel from the window's top-left pixel; taps inside the image by
+  // output row and by output column (all ones unless pad_value = 0).
+  std::vector<int64_t> tap_offset;
+  std::vector<uint64_t> row_valid, col_valid;
+
+  const uint64_t* pixel(int64_t n, int64_t grp, int64_t h, int64_t w) const {
+    return data + (((n * groups + grp) * hp + h) * wp + w) * words;
+  }
+  // The pixel of each tap of output position (oh, ow) and the mask of taps inside the image.
+  uint64_t tap_pixels(int64_t n, int64_t grp, int64_t oh, int64_t ow, const uint64_t** pixels) const {
+    const uint64_t* corner = pixel(n, grp, oh * stride_h, ow * stride_w);
+    for (size_t t = 0; t < tap_offset.size(); ++t) pixels[t] = corner + tap_offset[t];
+    return row_valid[oh] & col_valid[ow];
+  }
+};
+
+PixelGrid pack_grid(const InputBits& in, const ConvGeometry& g, PackBytes pack, const ParallelFor& par);
+
+// ---------------------------------------------------------------------------------------------
+// The LUT codebook kernel (codebook_lut.h explains the algorithm; the same plan as the x86 one).
+
+constexpr int64_t kLutMaxTaps = 10;
+constexpr int64_t kLutMaxCodewords = 64;
+constexpr int64_t kLutRowBytes = 64;
+
+inline bool lut_applies(const ConvGeometry& g, int64_t n) {
+  return g.taps() <= kLutMaxTaps && n <= kLutMaxCodewords && g.in_per_group() > 0;
+}
+
+// (1 << taps) rows of kLutRowBytes: row x, byte k = r_k(x) + taps for codeword k (sign / mask
+// bits as in packing.h's PackedCodebook), bytes past n zero.
+std::vector<uint8_t> build_lut(const uint64_t* sign, const uint64_t* mask, int64_t n, int64_t taps);
+
+// One ISA's inner loops (the contract of codebook_lut.h's LutKernel).
+struct LutOps {
+  // offsets[ci] = kLutRowBytes * (patch id of input channel ci), ci < cin, from the tap pixels.
+  void (*patch_offsets)(const uint64_t* const* pixels, int64_t taps, int64_t cin, uint32_t* offsets);
+  // out[r][c] = sum_ci base[offsets[r * ld_off + ci] + idx_t[ci * ld_idx + c]] - bias, for
+  // r < rows <= max_rows, c < cols <= 64, out row stride 64.
+  void (*gather)(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, int64_t rows,
+                 const uint8_t* idx_t, int64_t ld_idx, int64_t cols, int64_t cin, int64_t taps,
+                 int64_t n, int32_t bias, int32_t* out);
+  // Zero padding: row at offsets[ci] | plus averaged with the row at offsets[ci] into scratch
+  // row ci (an offset from base); offsets[ci] then points to it.
+  void (*border_rows)(uint8_t* base, uint32_t* offsets, int64_t cin, uint32_t plus, uint32_t scratch);
+  int64_t max_rows;
+};
+
+// conv2d through the LUT kernel; lut_applies(g, n) must hold. idx_t: the (C_in/groups, C_out)
+// uint8 index table (row ci = the index of every output channel for input channel ci),
+// row stride ld_idx. `threads` only sizes the work split.
+void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_t* idx_t,
+              int64_t ld_idx, const ConvGeometry& g, int64_t n, const LutOps& ops, int threads,
+              const ParallelFor& par, const TileStore& store);
+
+// ---------------------------------------------------------------------------------------------
+// Dense XNOR-popcount binary_conv2d.
+
+// popcount of each (output channel, tap) row of a (C_out, taps, words) packed weight: what a tap
+// on the zero padding gives back.
+std::vector<int32_t> weight_tap_counts(const uint64_t* weight, int64_t rows, int64_t words);
+
+}  // namespace core
+}  // namespace cpu
+}  // namespace sparks
