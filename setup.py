@@ -2,7 +2,9 @@
 
 CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are added when the installed torch
 has CUDA and nvcc is found; SPARKS_CUDA_ARCH_LIST (default "8.0;9.0") picks the architectures.
-Set SPARKS_FORCE_CPU=1 to skip CUDA even where it is available.
+Set SPARKS_FORCE_CPU=1 to skip CUDA even where it is available. The same source list builds on
+aarch64: the x86 kernel files compile to nothing there and the NEON ones (csrc/cpu/*neon*) to
+the neon family (they compile to nothing on x86).
 Install with `pip install --no-build-isolation .` so the extension matches the torch you run.
 """
 import glob

@@ -158,7 +158,7 @@ def test_unknown_path_is_an_error(op, monkeypatch):
             sparks_ext.binary_conv2d(case.make_input(), case.make_dense_weight())
 
 
-@pytest.mark.parametrize("missing", sorted({"avx2", "avx512", "amx"} - set(PATHS)) or ["none"])
+@pytest.mark.parametrize("missing", sorted({"avx2", "avx512", "amx", "neon"} - set(PATHS)) or ["none"])
 def test_forcing_a_path_this_cpu_lacks_is_an_error(missing, monkeypatch):
     if missing == "none":
         pytest.skip("this CPU runs every kernel family")

@@ -23,6 +23,7 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
+#include "neon_aten.h"
 #include "packing.h"
 
 namespace sparks {
@@ -195,6 +196,12 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
+#if SPARKS_NEON_COMPILED
+  if (isa == Isa::kNeon) {  // EOR + CNT + UADALP (binary_conv_neon.cpp)
+    binary_conv_neon(input, packed_weight, g, TileWriter(output, scale, bias, g, isa));
+    return output;
+  }
+#endif
   const PackedPixels px = pack_pixels(input, g, isa);
   const TileWriter writer(output, scale, bias, g, isa);
   const BinaryProblem bp{px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,

@@ -101,20 +101,21 @@ void binary_tiles(const core::PixelGrid& px, const Plan& plan, const ConvGeometr
       flush_bytes();
       const int64_t co0 = b * kCols, cols = std::min(kCols, cout_g - co0);
       for (int r = 0; r < rows; ++r) {
-        const int32_t total = static_cast<int32_t>(__builtin_popcountll(valid[r]) * cin_g);
+        // total - 2 mismatches, 4 channels per vector; outside taps give back their weight bits.
+        const int32x4_t total = vdupq_n_s32(static_cast<int32_t>(__builtin_popcountll(valid[r]) * cin_g));
+        for (int c = 0; c < kPairs; c += 2) {
+          const uint64x2_t lo = vpaddlq_u32(vpadalq_u16(wide[r][c], half[r][c]));
+          const uint64x2_t hi = vpaddlq_u32(vpadalq_u16(wide[r][c + 1], half[r][c + 1]));
+          const int32x4_t mismatches = vreinterpretq_s32_u32(vcombine_u32(vmovn_u64(lo), vmovn_u64(hi)));
+          vst1q_s32(tile + r * kCols + 2 * c, vsubq_s32(total, vshlq_n_s32(mismatches, 1)));
+        }
         const uint64_t outside = core::low_mask(taps) & ~valid[r];
-        for (int c = 0; c < kPairs; ++c) {
-          const uint64x2_t lanes = vpaddlq_u32(vpadalq_u16(wide[r][c], half[r][c]));
-          const int64_t mism[2] = {static_cast<int64_t>(vgetq_lane_u64(lanes, 0)),
-                                   static_cast<int64_t>(vgetq_lane_u64(lanes, 1))};
-          for (int h = 0; h < 2; ++h) {
-            const int64_t col = 2 * c + h;
-            if (col >= cols) continue;
-            int64_t mismatches = mism[h];
-            for (uint64_t o = outside; o; o &= o - 1)
-              mismatches -= plan.tap_counts[(grp * cout_g + co0 + col) * taps + __builtin_ctzll(o)];
-            tile[r * kCols + col] = total - 2 * static_cast<int32_t>(mismatches);
-          }
+        if (outside == 0) continue;
+        for (int64_t col = 0; col < cols; ++col) {
+          const int32_t* counts = plan.tap_counts.data() + (grp * cout_g + co0 + col) * taps;
+          int32_t back = 0;
+          for (uint64_t o = outside; o; o &= o - 1) back += counts[__builtin_ctzll(o)];
+          tile[r * kCols + col] += 2 * back;
         }
       }
       store(tile, kCols, n, p0, rows, grp * cout_g + co0, cols);

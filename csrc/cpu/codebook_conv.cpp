@@ -4,7 +4,7 @@
 //  - amx, n <= 64 codewords, a layer wide enough for tiles: decode the weights, int8 tile
 //    products (codebook_amx.h, codebook_conv_amx.cpp);
 //  - amx / avx512 / avx2, n <= 64 and kh * kw <= 10 taps: the LUT kernel (codebook_lut.h,
-//    codebook_conv_avx512.cpp);
+//    codebook_conv_avx512.cpp); neon, the same: its TBL version (codebook_conv_neon.cpp);
 //  - the portable path, and every path for larger codebooks or kernels: the kernel below.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
@@ -23,6 +23,7 @@
 #include "codebook_amx.h"
 #include "codebook_lut.h"
 #include "cpu_features.h"
+#include "neon_aten.h"
 #include "packing.h"
 
 namespace sparks {
@@ -105,6 +106,12 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
     codebook_conv_amx(input, cb, indices, g, TileWriter(output, scale, bias, g, isa));
     return output;
   }
+#if SPARKS_NEON_COMPILED
+  if (isa == Isa::kNeon && core::lut_applies(g, cb.size())) {
+    codebook_conv_neon(input, cb, indices, g, TileWriter(output, scale, bias, g, isa));
+    return output;
+  }
+#endif
   if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
     codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g, isa), isa);
     return output;

@@ -60,15 +60,14 @@ void patch_offsets_neon(const uint64_t* const* pixels, int64_t taps, int64_t cin
   for (int64_t c0 = 0; c0 < cin; c0 += 16) {
     uint8x16_t low = vdupq_n_u8(0), high = vdupq_n_u8(0);  // id bits 0-7 and 8-9
     const int64_t word = c0 >> 6, byte = (c0 & 63) >> 3;
-    for (int64_t t = 0; t < taps; ++t) {
+    const auto channel_bits = [&](int64_t t) {  // 0xff in the lanes of the +1 channels of tap t
       uint16_t bits;
       std::memcpy(&bits, reinterpret_cast<const uint8_t*>(pixels[t] + word) + byte, sizeof bits);
-      const uint8x16_t set = vtstq_u8(vreinterpretq_u8_u16(vdupq_n_u16(bits)), lane_bit);
-      if (t < 8)
-        low = vbslq_u8(tap_bit[t], set, low);
-      else
-        high = vbslq_u8(tap_bit[t - 8], set, high);
-    }
+      return vtstq_u8(vreinterpretq_u8_u16(vdupq_n_u16(bits)), lane_bit);
+    };
+    const int64_t low_taps = std::min<int64_t>(taps, 8);
+    for (int64_t t = 0; t < low_taps; ++t) low = vbslq_u8(tap_bit[t], channel_bits(t), low);
+    for (int64_t t = 8; t < taps; ++t) high = vbslq_u8(tap_bit[t - 8], channel_bits(t), high);
     low = vqtbl1q_u8(low, order);
     if (taps > 8) high = vqtbl1q_u8(high, order);
     const uint16x8_t ids0 = vreinterpretq_u16_u8(vzip1q_u8(low, high));  // channels 0-7

@@ -37,6 +37,8 @@ bool amx_usable() {
 bool cpu_has(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   switch (isa) {
+    case Isa::kNeon:
+      return false;
     case Isa::kPortable:
       return true;
     case Isa::kAvx2:
@@ -52,6 +54,9 @@ bool cpu_has(Isa isa) {
       return cpu_has(Isa::kAvx512) && amx_usable();
   }
   return false;
+#elif defined(__aarch64__)
+  // Advanced SIMD is mandatory in AArch64.
+  return isa == Isa::kPortable || isa == Isa::kNeon;
 #else
   return isa == Isa::kPortable;
 #endif
@@ -61,6 +66,7 @@ bool cpu_has(Isa isa) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kNeon: return "neon";
     case Isa::kPortable: return "portable";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
@@ -72,7 +78,7 @@ const char* isa_name(Isa isa) {
 std::vector<Isa> available_isas() {
   static const std::vector<Isa> isas = [] {
     std::vector<Isa> v;
-    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx})
+    for (Isa isa : {Isa::kPortable, Isa::kNeon, Isa::kAvx2, Isa::kAvx512, Isa::kAmx})
       if (cpu_has(isa)) v.push_back(isa);
     return v;
   }();
@@ -83,7 +89,7 @@ Isa selected_isa() {
   const std::vector<Isa>& isas = available_isas();
   const char* env = std::getenv("SPARKS_CPU_KERNEL");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return isas.back();
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+  for (Isa isa : {Isa::kPortable, Isa::kNeon, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (std::strcmp(env, isa_name(isa)) != 0) continue;
     for (Isa ok : isas)
       if (ok == isa) return isa;
@@ -94,7 +100,7 @@ Isa selected_isa() {
                   return s;
                 }());
   }
-  TORCH_CHECK(false, "SPARKS_CPU_KERNEL must be auto, amx, avx512, avx2 or portable, got '", env, "'");
+  TORCH_CHECK(false, "SPARKS_CPU_KERNEL must be auto, amx, avx512, avx2, neon or portable, got '", env, "'");
 }
 
 bool isa_forced() {

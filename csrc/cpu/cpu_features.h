@@ -3,10 +3,11 @@
 // amx = avx512 + AMX-TILE/AMX-INT8 with the OS's permission (Sapphire Rapids and later): the
 // codebook conv runs on the int8 tile unit, everything else as avx512;
 // avx512 = AVX-512 F/BW/VL/VBMI/VPOPCNTDQ + GFNI (Ice Lake, Sapphire Rapids, Zen 4 and later);
-// avx2 = AVX2 + BMI2 + POPCNT (Haswell, Zen and later); portable = plain C++.
+// avx2 = AVX2 + BMI2 + POPCNT (Haswell, Zen and later); portable = plain C++;
+// neon = aarch64 Advanced SIMD (every aarch64 CPU: Cortex-A5x/A7x/X, Neoverse, Apple M).
 // Every family computes the same exact integers; they differ only in the instructions used.
 // SPARKS_CPU_KERNEL (read at every call, so tests can switch in-process) forces one:
-//   auto (default) | amx | avx512 | avx2 | portable
+//   auto (default) | amx | avx512 | avx2 | neon | portable
 // Forcing a family this CPU cannot run raises a RuntimeError.
 #pragma once
 
@@ -25,9 +26,10 @@
 namespace sparks {
 namespace cpu {
 
-// Ordered: each family includes the instructions of those before it, so `isa >= Isa::kAvx512`
-// reads "may use AVX-512".
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+// The x86 families are ordered: each includes the instructions of those before it, so
+// `isa >= Isa::kAvx512` reads "may use AVX-512". neon sits below portable so that no such x86
+// test ever holds for it (on aarch64 the x86 code is compiled out anyway).
+enum class Isa { kNeon = -1, kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
 
