@@ -260,6 +260,7 @@ int main() {
       {9, 40, 8, 6, 5, 2, 3, 1, 2, 1, 1, 1, 1},      // 10 taps, stride 3
       {1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1},       // one channel
       {33, 66, 4, 4, 2, 2, 1, 1, 0, 0, 1, 1, 3},     // even kernel, groups of 11 channels
+      {3300, 5, 2, 6, 2, 5, 1, 1, 0, 1, 1, 1, 1},    // uint16 sums flushed to int32 mid-way
   };
   const std::vector<int64_t> sizes = {1, 2, 7, 16, 17, 31, 32, 33, 45, 48, 49, 63, 64};
   for (const Shape& s : lut_shapes)
@@ -278,10 +279,11 @@ int main() {
   dense_shapes.push_back({256, 16, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2});     // 2 words per group
   dense_shapes.push_back({65, 3, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1});       // 2 words, 1 bit in the second
   dense_shapes.push_back({2048, 8, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1});     // 288 steps: byte flushes
+  dense_shapes.push_back({5184, 3, 7, 7, 7, 7, 1, 1, 0, 0, 1, 1, 1});     // 3969 steps: uint16 -> uint32
   for (const Shape& s : dense_shapes)
     for (int pad_value : {0, 1, -1})
       for (bool channels_last : {false, true}) check_dense(s, pad_value, 1, channels_last, 1);
-  for (const Shape& s : {dense_shapes[0], dense_shapes[6], dense_shapes[16]})
+  for (const Shape& s : {dense_shapes[0], dense_shapes[6], dense_shapes[17]})
     for (int pad_value : {0, -1}) check_dense(s, pad_value, 3, true, 3);
 
   std::printf("%s: %d of %d cases exact\n", failures ? "FAIL" : "PASS", cases - failures, cases);
