@@ -100,10 +100,10 @@ def binary_conv2d(
 
 def cpu_kernels() -> list[str]:
     """The CPU kernel families this machine can run, slowest first: a subset of
-    ``["portable", "avx2", "avx512", "amx"]`` (``amx``: the codebook conv on the int8 tile unit,
-    everything else as ``avx512``). The environment variable ``SPARKS_CPU_KERNEL``
-    (``auto`` | ``amx`` | ``avx512`` | ``avx2`` | ``portable``, read at every call) forces one;
-    all give identical results."""
+    ``["portable", "avx2", "avx512", "amx"]`` on x86-64 (``amx``: the codebook conv on the int8
+    tile unit, everything else as ``avx512``), ``["portable", "neon"]`` on aarch64. The
+    environment variable ``SPARKS_CPU_KERNEL`` (``auto`` | ``amx`` | ``avx512`` | ``avx2`` |
+    ``neon`` | ``portable``, read at every call) forces one; all give identical results."""
     return list(torch.ops.sparks.cpu_kernels.default())
 
 

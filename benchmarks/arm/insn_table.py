@@ -8,8 +8,8 @@ Cross-compiles benchmarks/arm/insn_count.cpp with the NEON kernels, builds the c
 the difference, so set-up (random data) is not counted. The time model is a throughput bound,
 not a simulation: cycles = the largest of the per-resource sums below (Cortex-A76 / Neoverse N1
 class: 4-wide dispatch, 2 ASIMD pipes, 2 load/store pipes, 3 integer pipes, 1 branch pipe;
-per-instruction throughputs from Arm's Software Optimization Guides for the two-ASIMD-pipe
-Cortex-A7x cores), at 2.4 GHz (the Cortex-A76 of a Raspberry Pi 5). It assumes L1-resident
+per-instruction ASIMD throughputs from Arm's Cortex-A720 Software Optimization Guide, a core with
+the same two ASIMD pipes), at 2.4 GHz (the Cortex-A76 of a Raspberry Pi 5). It assumes L1-resident
 data and no dependency stalls, so it is a lower bound on time.
 """
 import os
@@ -121,7 +121,9 @@ def write(rows):
         "TBL 3 / 4 registers 1 / 1.5 cycles, UADALP 1 cycle; 2 load/store pipes: 0.5 cycle per vector",
         "register or scalar access; 3 integer pipes; 1 branch pipe; 4-wide dispatch), the largest",
         "resource sum taken as the time. L1-resident data and no dependency stalls are assumed, so",
-        "these are lower bounds; `bound` names the limiting resource. daBNN: its published",
+        "these are lower bounds; `bound` names the limiting resource. The per-form figures are those",
+        "of Arm's Cortex-A720 Software Optimization Guide (document 109720), a core with the A76's two",
+        "ASIMD pipes; the A76 guide's own table was not at hand. daBNN: its published",
         "single-thread times of a 3x3 binary convolution on a Pixel 1 (Kryo, 2.15 GHz), by input size.",
         "",
         "| layer (C_in -> C_out @ H x W, stride) | " + " | ".join(

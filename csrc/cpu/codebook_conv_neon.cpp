@@ -2,10 +2,10 @@
 // the algorithm, kernel_core.cpp's lut_conv drives it; the LUT and its zero-padding border rows
 // are those of the x86 kernels).
 //
-// Instruction-level reasoning, with the throughputs of the two-ASIMD-pipe Cortex-A7x cores
-// (A76 .. A720; Arm's Software Optimization Guides: TBL with 1 or 2 table registers 2 per cycle,
-// 3 registers 1 per cycle, 4 registers 2/3 per cycle; ADD, CMTST, BIT, ZIP, URHADD 2 per cycle;
-// loads 2 per cycle on their own pipes). The work is one term per (position, input channel,
+// Instruction-level reasoning, with the throughputs of a two-ASIMD-pipe Cortex-A7x core (the
+// A76 has two; figures from Arm's Cortex-A720 Software Optimization Guide: TBL with 1 or 2 table
+// registers 2 per cycle, 3 registers 1 per cycle, 4 registers 2/3 per cycle; ADD, CMTST, BIT,
+// ZIP, URHADD 2 per cycle; loads 2 per cycle on their own pipes). The work is one term per (position, input channel,
 // output channel): the LUT row of the patch, read at that output channel's index.
 //  - NEON has no 64-lane byte permute. `TBL Vd.16B, {table}, Vidx.16B` looks up 16 byte lanes
 //    in a table of 1-4 registers (16-64 bytes): the row's first ceil(n / 16) x 16 bytes are the
@@ -17,11 +17,13 @@
 //    so a codebook of 32 pays nothing for the 64-entry case.
 //  - Register tile: 4 positions x 64 output channels = 16 uint8 accumulators, 4 index vectors
 //    (reused by the 4 positions) and the T table registers of one row (reused by the 4 channel
-//    vectors): 20 + T of the 32 vector registers, so the compiler can load the next row ahead.
-//    Per input channel and tile: 4 row loads (LD1 of T registers) + 4 index loads on the load
-//    pipes, 16 TBL + 16 ADD on the ASIMD pipes: 16 cycles for 256 terms at n <= 32 (16 terms per
-//    cycle, 144 binary MACs for 3x3), 24 cycles at n <= 48, 32 cycles at n <= 64. The loads
-//    (8-20 registers per 16 cycles) stay under their 2 per cycle.
+//    vectors): 20 + T of the 32 vector registers. Per input channel and tile: 4 row loads (LD1
+//    of T registers) + 4 index loads on the load pipes, 16 TBL + 16 ADD on the ASIMD pipes: 16
+//    cycles for 256 terms at n <= 32 (16 terms per cycle, 144 binary MACs for 3x3). For n > 32
+//    the 3-4 consecutive table registers do not fit beside that tile (GCC 12 then keeps the
+//    accumulators in memory), so the tile is 2 positions x 64 channels: per input channel 2 row
+//    and 4 index loads, 8 TBL + 8 ADD = 12 cycles for 128 terms at n <= 48 (TBL 1 per cycle),
+//    16 at n <= 64 (2/3 per cycle): 10.7 and 8 terms per cycle.
 //  - uint8 lanes hold floor(255 / (2 taps)) terms (14 for 3x3); then UADDW / UADDW2 widen each
 //    accumulator into two uint16 sums (2 more ASIMD ops per 14 x 2: 7%), kept in memory (they
 //    do not fit beside the tile); uint16 sums go to int32 every floor(65535 / (2 taps)) terms.
@@ -201,14 +203,20 @@ void gather_neon(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, i
     idx_t = padded.data();
     ld_idx = 16 * vectors;
   }
-  GatherTile tile = nullptr;
-  switch (rows) {
-    case 1: tile = pick_cols<1>(cols, n); break;
-    case 2: tile = pick_cols<2>(cols, n); break;
-    case 3: tile = pick_cols<3>(cols, n); break;
-    default: tile = pick_cols<4>(cols, n); break;
+  // A 3- or 4-register table (TBL wants them consecutive) beside 16 accumulators and 4 index
+  // vectors leaves the compiler no registers (it keeps the accumulators in memory): those run
+  // 2 positions at a time, reloading the index vectors (the load pipes have room).
+  const int64_t step = n > 32 ? 2 : kMaxRows;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    GatherTile tile = nullptr;
+    switch (std::min(step, rows - r0)) {
+      case 1: tile = pick_cols<1>(cols, n); break;
+      case 2: tile = pick_cols<2>(cols, n); break;
+      case 3: tile = pick_cols<3>(cols, n); break;
+      default: tile = pick_cols<4>(cols, n); break;
+    }
+    tile(base, offsets + r0 * ld_off, ld_off, idx_t, ld_idx, cin, taps, bias, out + r0 * 64);
   }
-  tile(base, offsets, ld_off, idx_t, ld_idx, cin, taps, bias, out);
 }
 
 }  // namespace
