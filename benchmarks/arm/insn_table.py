@@ -24,8 +24,8 @@ GHZ = 2.4
 LAYERS = [  # (C_in, C_out, H = W, stride), as insn_count.cpp's kLayers
     (64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
     (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
-# daBNN (Zhang et al. 2019, table 2): single-thread 3x3 binary convolution on a Pixel 1
-# (Snapdragon 821, Kryo at 2.15 GHz), by input size; stride-1 layers only.
+# daBNN (Zhang et al., 2019): its published single-thread times of a 3x3 binary convolution on a
+# Pixel 1 (Snapdragon 821, Kryo at 2.15 GHz), by input size; stride-1 layers only.
 DABNN_MS = {(64, 56): 1.29, (128, 28): 0.99, (256, 14): 1.02, (512, 7): 1.23}
 KERNELS = [("lut", 32, "NEON LUT, n=32 (TBL 2 regs)"), ("lut", 64, "NEON LUT, n=64 (TBL 4 regs)"),
            ("dense", 0, "NEON dense binary_conv2d"), ("portable", 32, "portable, n=32")]
@@ -144,11 +144,15 @@ def write(rows):
             f"{label} {100 * sum(r[k][3] for r in rows) / len(rows):.0f}%"
             for k, (_, _, label) in enumerate(KERNELS)) + ".",
         "",
-        "Reading it: the LUT kernel at n = 32 executes "
-        f"{tot[2] / tot[0]:.1f}x fewer instructions than the dense XNOR-popcount kernel and "
-        f"{tot[3] / tot[0]:.0f}x fewer than the portable kernel over the seven layers; n = 64 costs "
-        f"{tot[1] / tot[0]:.2f}x the n = 32 count (the 4-register TBL is the same instruction count but a",
-        "third of the throughput, which the time column carries). The daBNN column is measured on",
+        "Reading it: over the seven layers the LUT kernel at n = 32 executes "
+        f"{tot[2] / tot[0]:.1f}x fewer",
+        f"instructions than the dense XNOR-popcount kernel and {tot[3] / tot[0]:.0f}x fewer than the "
+        "portable kernel; n = 64",
+        f"executes {tot[1] / tot[0]:.2f}x the n = 32 count (the 4-register TBL is the same instruction "
+        "count at a third",
+        "of the throughput, which the time column carries). Both NEON counts include what daBNN's",
+        "times may not: the packing of the input bits, the LUT or weight layout and the float store.",
+        "The daBNN column is measured on",
         "older hardware (Qualcomm's Kryo at 2.15 GHz) and is a measurement of daBNN's kernel; the A76",
         "column is a model of this library's kernels: compare orders of magnitude, not ratios. No ARM",
         "hardware was available to measure either.",
