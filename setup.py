@@ -88,10 +88,10 @@ def extension_and_commands():
         extension = CUDAExtension(
             "sparks_ext._C", _relative(build.sources(root, with_cuda=True)),
             extra_compile_args={"cxx": cxx, "nvcc": build.nvcc_flags(config["cxx_standard"])},
-            extra_link_args=build.LINK_FLAGS)
+            extra_link_args=list(build.LINK_FLAGS))
     else:
         extension = CppExtension("sparks_ext._C", _relative(build.sources(root, with_cuda=False)),
-                                 extra_compile_args={"cxx": cxx}, extra_link_args=build.LINK_FLAGS)
+                                 extra_compile_args={"cxx": cxx}, extra_link_args=list(build.LINK_FLAGS))
     return [extension], {"build_py": BuildPyWithSources, "build_ext": BuildExtensionRecordingConfig}
 
 

@@ -78,7 +78,7 @@ def nvcc_flags(std: str) -> list[str]:
     return ["-O3", f"-std={std}", "--expt-relaxed-constexpr", "-DSPARKS_WITH_CUDA=1"]
 
 
-LINK_FLAGS = ["-fopenmp"]
+LINK_FLAGS = ("-fopenmp",)  # a tuple: torch.utils.cpp_extension appends to the list it is given
 
 
 def _is_cuda_root(root: Optional[str]) -> bool:
@@ -237,7 +237,7 @@ def _compile(torch, reason: str):
     start = time.perf_counter()
     module = cpp_extension.load(
         name="_C", sources=files, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
-        extra_ldflags=LINK_FLAGS, extra_include_paths=[str(root)], build_directory=str(build_dir),
+        extra_ldflags=list(LINK_FLAGS), extra_include_paths=[str(root)], build_directory=str(build_dir),
         with_cuda=config["with_cuda"], is_python_module=True, verbose=False)
     if fresh:
         print(f"sparks_ext: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

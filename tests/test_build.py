@@ -103,7 +103,7 @@ def test_the_compile_at_import_uses_the_setup_py_flags():
     flags = _build.cxx_flags("c++20", with_cuda=False)
     assert flags == ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     assert "-DSPARKS_WITH_CUDA=1" in _build.cxx_flags("c++17", with_cuda=True)
-    assert "-std=c++20" in _build.nvcc_flags("c++20") and _build.LINK_FLAGS == ["-fopenmp"]
+    assert "-std=c++20" in _build.nvcc_flags("c++20") and _build.LINK_FLAGS == ("-fopenmp",)
     root = _build.source_root()
     files = _build.sources(root, with_cuda=False)
     assert str(root / "sparks.cpp") in files and not any(f.endswith(".cu") for f in files)
