@@ -23,6 +23,10 @@ PYTHON="${PYTHON:-python}"
 mapfile -t TORCH_INCLUDES < <("$PYTHON" -c \
   'import torch.utils.cpp_extension as c; print("\n".join(c.include_paths()))')
 CXX11_ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
+# The C++ standard the installed torch's headers require, as setup.py picks it.
+CXX_STD="$("$PYTHON" -c 'import importlib.util as u, os, sys, torch
+s = u.spec_from_file_location("build", sys.argv[1]); b = u.module_from_spec(s); s.loader.exec_module(b)
+print(b.cxx_standard(os.path.join(os.path.dirname(torch.__file__), "include")))' "$ROOT/sparks_ext/_build.py")"
 
 GENCODE=()
 IFS=';' read -r -a ARCHS <<< "${SPARKS_CUDA_ARCH_LIST:-8.0;9.0}"
@@ -33,7 +37,7 @@ for arch in "${ARCHS[@]}"; do
   GENCODE+=("-gencode" "arch=compute_${sm},code=sm_${sm}")
 done
 
-FLAGS=(-c -std=c++17 -O3 --expt-relaxed-constexpr
+FLAGS=(-c "-std=$CXX_STD" -O3 --expt-relaxed-constexpr
        # the flags torch.utils.cpp_extension adds to every CUDA extension
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__

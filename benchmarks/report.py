@@ -8,7 +8,7 @@ With several runs of the suite, each cell is the median over the runs of each ru
 
 Per layer and batch: median latency of every implementation, the codebook conv's speed-up against
 each baseline (baseline median / conv2d median, > 1 = conv2d faster), BOPs and weight bytes, and
-the issue-3 targets (n = 32) marked met or not.
+the speed targets (n = 32, docs/design.md section 9) marked met or not.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 
 BASELINES = ["torch fp32", "torch bf16 CL", "torch int8 CL", "sparks binary"]
-# Issue 3: minimum speed-up of conv2d (n = 32) over each baseline, per batch size.
+# docs/design.md section 9: minimum speed-up of conv2d (n = 32) over each baseline, per batch size.
 TARGETS = {1: {"torch fp32": 15, "torch bf16 CL": 5, "torch int8 CL": 2, "sparks binary": 1},
            16: {"torch bf16 CL": 5, "torch int8 CL": 2}}
 TARGET_N = 32
@@ -75,7 +75,7 @@ def markdown(data, runs, rows, order):
              "median over runs of each run's median, torch.inference_mode(), "
              "ResNet-18 3x3 layers, padding 1). "
              "Speed-up = baseline median / `conv2d` (n = 32) median; > 1 means `conv2d` is faster. "
-             "BOPs per DESIGN.md section 3 for the whole batch; weight bytes as stored (fp32 / bf16 / "
+             "BOPs per docs/design.md section 7 for the whole batch; weight bytes as stored (fp32 / bf16 / "
              "int8 dense, 1 bit per binary weight, ceil(log2 n)-bit indices + codebook).", "",
              "Inputs: torch fp32 NCHW; bf16 channels_last; int8 quint8 channels_last (x86 engine); "
              "sparks ops float32 channels_last input, channels-last bool weight (binary), uint8 "
@@ -99,7 +99,7 @@ def markdown(data, runs, rows, order):
                   str(r["torch fp32"]["weight_bytes"]) if "torch fp32" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
 
-    lines += ["", f"## Targets (issue 3, conv2d n = {TARGET_N}, every layer)", "",
+    lines += ["", f"## Targets (docs/design.md section 9: conv2d n = {TARGET_N}, every layer)", "",
               "| batch | baseline | target | worst speed-up (layer) | met on | status |", "|---|---|---|---|---|---|"]
     for batch, targets in TARGETS.items():
         for base, want in targets.items():

@@ -1,5 +1,5 @@
 """CPU speed of sparks_ext.conv2d against torch fp32, bf16 channels_last, int8 quantized conv and
-the library's dense XNOR conv, on ResNet-18's 3x3 layers (issue 3, DESIGN.md section 4).
+the library's dense XNOR conv, on ResNet-18's 3x3 layers (how and against what: docs/design.md, section 9).
 
 Run the suite and the report with:
     pytest benchmarks --benchmark-json=benchmarks/results.json && \\
@@ -7,7 +7,7 @@ Run the suite and the report with:
 
 Every case runs in one process with 2 threads (SPARKS_BENCH_THREADS overrides), under
 torch.inference_mode(); extra_info records the layer, the BOPs
-(DESIGN.md section 3) and the weight bytes, which report.py turns into a table and a chart.
+(docs/design.md, section 7) and the weight bytes, which report.py turns into a table and a chart.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 
-THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))  # issue 3 measures 2 threads
+THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))  # the speed targets are for 2 threads
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ CODEBOOK_SIZES = [16, 32, 64]
 
 
 def codebook_bops(layer: Layer, n: int) -> int:
-    """DESIGN.md section 3: n responses per input patch + the gather-adds (counted as 1/2)."""
+    """docs/design.md, section 7: n responses per input patch + the gather-adds (counted as 1/2)."""
     hw = layer.out_size ** 2
     return (min(n, layer.out_channels) * layer.in_channels * 9 * hw
             + (n < layer.out_channels) * layer.out_channels * layer.in_channels * hw // 2)

@@ -9,16 +9,17 @@
 - ``powerlaw``: trains a 1-bit network on the digits and plots how often each of the 512 binary
   3x3 kernels occurs per layer (log-log rank/frequency, PNG; needs matplotlib).
 - ``bench``: the layer benchmarks of a source checkout (``pytest benchmarks``, a few minutes)
-  and their report (``benchmarks/report.py``: RESULTS.md and a chart).
+  and their report (``benchmarks/report.py``: RESULTS.md and a chart), written to ``--out``
+  (needs pytest, pytest-benchmark and matplotlib: the ``[bench]`` extra).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def demo(args) -> int:
           f"{100 * agree:.1f}% -> {'OK' if ok else 'MISMATCH'}")
 
     info = summary(converted, (1, 8, 8), name="SmallCNN (Sparks, converted)")
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp()) / "sparks_digits.spk"
+    out = Path(args.out)
     size = save(converted, out)
     header_bytes = read_header(out)["header_bytes"]
     reloaded = load(out, SmallCNN(conv="sparks", n_codewords=args.n_codewords, width=args.width)).eval()
@@ -210,54 +211,84 @@ def summary_command(args) -> int:
 
 
 def bench(args) -> int:
-    """Runs the pytest-benchmark suite into a JSON, then the report on it (benchmarks/README in
-    the main README: ``pytest benchmarks --benchmark-json=... && python benchmarks/report.py``)."""
+    """Runs the pytest-benchmark suite of a source checkout into a JSON, then its report on it
+    (README, "CPU kernels and speed"): results.json, RESULTS.md and results.png in ``--out``."""
     root = Path(__file__).resolve().parent.parent
     suite, report = root / "benchmarks", root / "benchmarks" / "report.py"
     if not report.exists():
         print(f"the benchmarks are part of the source checkout ({report} not found)", file=sys.stderr)
         return 2
-    results = suite / "results.json"
+    missing = [name for name in ("pytest", "pytest_benchmark", "matplotlib")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"bench needs {', '.join(missing)}: pip install pytest pytest-benchmark matplotlib "
+              f"(or the [bench] extra, e.g. pip install --no-build-isolation -e '.[bench]')",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    results, table, chart = out / "results.json", out / "RESULTS.md", out / "results.png"
+    if table == (suite / "RESULTS.md").resolve():
+        print(f"bench: this replaces the committed {table} (its hand-written analysis is kept) "
+              f"and {chart}", file=sys.stderr)
+    else:
+        print(f"bench: writing {results}, {table} and {chart}; the committed benchmarks/RESULTS.md "
+              f"stays as it is (--out {suite} replaces it)", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
     code = subprocess.call([sys.executable, "-m", "pytest", str(suite), f"--benchmark-json={results}",
                             *args.pytest_args], cwd=root)
     if code != 0:
         return code
-    return subprocess.call([sys.executable, str(report), str(results)], cwd=root)
+    return subprocess.call([sys.executable, str(report), str(results), "--out", str(table),
+                            "--png", str(chart)], cwd=root)
+
+
+class _ParserWithDefaults(argparse.ArgumentParser):
+    """Every subcommand's --help shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparks_ext", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ParserWithDefaults)
     p = sub.add_parser("demo", help="train, convert, save and time a Sparks network on sklearn digits")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--n-codewords", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--train-threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="where to save the model (default: a temporary directory)")
-    p.add_argument("--latency-batch", type=int, default=256)
-    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=12, help="training epochs over the 1437 training images")
+    p.add_argument("--n-codewords", type=int, default=32, help="codebook size n of each binary conv "
+                                                             "(log2(n)/9 bits per weight)")
+    p.add_argument("--width", type=int, default=32, help="channels of the first stage (the second has twice as many)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate of Adam (one-cycle schedule)")
+    p.add_argument("--train-threads", type=int, default=1,
+                   help="torch threads while training (this tiny network trains fastest on one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and batches")
+    p.add_argument("--out", default="demo.spk", help="where to save the converted model (compact format)")
+    p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency comparison")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed forward passes per network (median)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
     p = sub.add_parser("powerlaw", help="train a 1-bit CNN on digits and plot its kernel rank/frequency")
-    p.add_argument("--out", default="power_law.png")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-2)
-    p.add_argument("--train-threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="power_law.png", help="where to write the plot (PNG)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs")
+    p.add_argument("--width", type=int, default=32, help="channels of the first stage (the second has twice as many)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=2e-2, help="peak learning rate of Adam (one-cycle schedule)")
+    p.add_argument("--train-threads", type=int, default=1, help="torch threads while training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and batches")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=powerlaw)
     p = sub.add_parser("summary", help="per-layer table and BOPs of the binary ResNet-18")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32")
+    p.add_argument("--input-size", type=int, default=224, help="image height and width")
+    p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32",
+                   help="which network's per-layer table to print before the comparison")
     p.set_defaults(func=summary_command)
     p = sub.add_parser("bench", help="run the layer benchmarks (benchmarks/, a few minutes) and "
                                      "their report; further arguments go to pytest, e.g. -k 'batch1'")
     p.set_defaults(func=bench)
+    p.epilog = "Further arguments go to pytest, e.g. -k batch1."
+    p.add_argument("--out", default="bench-results",
+                   help="folder for results.json, RESULTS.md and results.png (benchmarks/ replaces the committed ones)")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -46,7 +46,7 @@ def conv2d(
 ) -> torch.Tensor:
     r"""Codebook-indexed binary convolution.
 
-    Computes exactly (see DESIGN.md section 1)::
+    Computes exactly (docs/design.md, section 1)::
 
         xb  = where(input >= 0, 1, -1)
         xb  = pad(xb, padding, value=pad_value)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch references: the exact semantics every kernel is tested against (DESIGN.md s.1).
+"""Pure-PyTorch references: the exact semantics every kernel is tested against (docs/design.md, section 1).
 
 They decode the codebook into a dense weight and call a float convolution, computed in float64
 so that integer sums are exact, then cast once to the input's dtype. They are the oracle, not the

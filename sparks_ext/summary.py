@@ -8,7 +8,7 @@ learn every layer's output shape, then counts per layer, per sample:
 - real-valued parameters (and floating buffers such as BatchNorm statistics) at their dtype's
   width;
 - BOPs of binary convolutions, with the convention that reproduces the published numbers
-  (DESIGN.md section 3; ResNet-18 at 224: 1.676e9 for 1-bit, 0.884e9 / 0.501e9 / 0.297e9 for
+  (docs/design.md, section 7; ResNet-18 at 224: 1.676e9 for 1-bit, 0.884e9 / 0.501e9 / 0.297e9 for
   n = 64 / 32 / 16)::
 
       plain binary:  C_out * (C_in/g) * K*K * H_out*W_out
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -345,6 +346,38 @@ def _trace(model: nn.Module, size: tuple, device, dtype) -> list[tuple[str, torc
     return calls
 
 
+def _expected_input(model: nn.Module) -> str:
+    """What the model's first layer with a channel count takes, as a hint for input_size."""
+    for name, module in model.named_modules():
+        channels = getattr(module, "in_channels", None)
+        if isinstance(channels, int):
+            return (f"; its first layer, {name or type(model).__name__} ({type(module).__name__}), "
+                    f"takes {channels} input channel{'s' if channels != 1 else ''}: input_size "
+                    f"({channels}, H, W) or (N, {channels}, H, W)")
+        features = getattr(module, "in_features", None)
+        if isinstance(features, int):
+            return (f"; its first layer, {name or type(model).__name__} ({type(module).__name__}), "
+                    f"takes {features} input features")
+    return ""
+
+
+def _input_shape(model: nn.Module, input_size) -> tuple:
+    """(1, C, H, W) from (C, H, W) or (N, C, H, W): counts are per sample."""
+    original = input_size
+    try:
+        if isinstance(input_size, (str, bytes)) or any(isinstance(s, bool) for s in input_size):
+            raise TypeError
+        input_size = tuple(operator.index(s) for s in input_size)
+    except TypeError:  # an int, a string, a float size: not a shape
+        input_size = None
+    if not isinstance(input_size, tuple) or len(input_size) not in (3, 4):
+        raise ValueError(f"input_size must be a shape (C, H, W) or (N, C, H, W) of ints, got "
+                         f"{original!r}{_expected_input(model)}")
+    if any(s <= 0 for s in input_size):
+        raise ValueError(f"input_size must be a shape of positive sizes, got {tuple(input_size)}")
+    return (1,) + tuple(input_size[-3:])
+
+
 def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = None) -> Summary:
     """Per-layer table of ``model`` for an input of ``input_size`` ((C, H, W) or (N, C, H, W);
     counts are per sample). Rows are the binary layers and every other leaf module that the
@@ -355,18 +388,18 @@ def summary(model: nn.Module, input_size: Sequence[int], name: Optional[str] = N
     (shapes only, no arithmetic, so a ResNet-18 at 224 costs nothing); a model that cannot run
     on ``meta`` (data-dependent Python code) runs once for real on a batch of one.
     """
-    size = tuple(int(s) for s in input_size)
-    if len(size) < 1 or any(s <= 0 for s in size):
-        raise ValueError(f"input_size must be a shape of positive sizes, got {tuple(input_size)}")
-    if len(size) == 3:
-        size = (1,) + size
-    size = (1,) + size[1:]
+    size = _input_shape(model, input_size)
     first = next(model.parameters(), None)
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     try:
         calls = _trace(copy.deepcopy(model).to("meta"), size, "meta", dtype)
-    except (NotImplementedError, RuntimeError):
-        calls = _trace(model, size, first.device if first is not None else "cpu", dtype)
+    except (NotImplementedError, RuntimeError, ValueError):
+        try:
+            calls = _trace(model, size, first.device if first is not None else "cpu", dtype)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"input_size {tuple(input_size)} does not fit the model: its forward "
+                             f"pass on a {tuple(size)} input failed ({str(e).splitlines()[0]})"
+                             f"{_expected_input(model)}") from e
 
     modules = _traced_modules(model)
     deployed = {id(m): deployed_form(m) for m in modules.values() if is_binary_layer(m)}

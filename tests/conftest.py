@@ -1,13 +1,8 @@
-import pathlib
-import sys
-
+"""Fixtures shared by the test modules; shared helper code is in tests/helpers."""
 import pytest
 import torch
 
-# Lets test modules import the shared case grid (tests/cases.py) and each other's helpers.
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from tests.helpers import DEVICES
 
 
 @pytest.fixture(params=DEVICES)
@@ -22,3 +17,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test): 1347 / 450 images of 8x8."""
+    from sparks_ext.datasets import load_digits_split
+
+    return load_digits_split()

@@ -7,6 +7,7 @@ from torch import nn
 
 from sparks_ext import analysis
 from sparks_ext.nn import CodebookConv2d
+from tests.helpers.training import trained_small_cnn
 
 
 def _ids(kernels):
@@ -89,8 +90,6 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
 
 
 def test_histograms_of_the_library_models():
-    from test_convert import trained_small_cnn
-
     import sparks_ext
     sparks = trained_small_cnn("sparks", steps=1)
     hists = analysis.codeword_histogram(sparks)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 from sparks_ext.reference import binary_conv2d_reference
-from cases import GRID, Case, SteSign
+from tests.helpers.cases import GRID, Case, SteSign
 
 
 def _weight(case, device, kind):

@@ -4,7 +4,9 @@ import io
 import pytest
 import torch
 
+from sparks_ext.nn import BinaryConv2d
 from sparks_ext.optim import Bop
+from tests.helpers.training import accuracy, fit, small_cnn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,12 +95,19 @@ def test_bad_parameters():
         opt.load_state_dict({"state": {}, "param_groups": []})
 
 
-def _bop_digits(gamma, tau):
-    from digits_training import accuracy, digits, fit, small_cnn
-    from sparks_ext.nn import BinaryConv2d
+def _bop_digits(data, gamma, tau, lr=1e-2):
+    """Bop on the binary convs of a SmallCNN, Adam on the rest, both annealed linearly to zero.
 
+    The annealing is what makes the result a property of the method rather than of the
+    machine: with constant gamma and lr, Bop keeps flipping hundreds of weights per epoch up to
+    the last step, so the evaluated model is a snapshot of a noisy trajectory whose BatchNorm
+    running statistics lag its latest flips. Which weights cross tau is decided by the last bits
+    of gradient averages, so the summation order (thread count, the CPU's conv kernels) picks
+    a different trajectory: unannealed, the same seed reached 0.64 test accuracy with one
+    thread and 0.39 with two, and seeds 0-5 spread over 0.41-0.69. Annealed, gamma -> 0 ends
+    the flips and the real parameters settle on the final weights.
+    """
     torch.manual_seed(0)
-    data = digits()
     model = small_cnn(BinaryConv2d)
     binary = [m.weight for m in model.modules() if isinstance(m, BinaryConv2d)]
     with torch.no_grad():
@@ -106,21 +115,32 @@ def _bop_digits(gamma, tau):
             w.copy_(torch.where(w >= 0, 1.0, -1.0))
     before = [w.detach().clone() for w in binary]
     others = [p for p in model.parameters() if all(p is not w for w in binary)]
-    fit(model, Bop(binary, torch.optim.Adam(others, lr=1e-2), gamma=gamma, tau=tau), data)
+    real = torch.optim.Adam(others, lr=lr)
+    opt = Bop(binary, real, gamma=gamma, tau=tau)
+
+    def anneal(progress):  # progress in [0, 1): gamma and lr stay positive
+        for group in opt.param_groups:
+            group["gamma"] = gamma * (1 - progress)
+        for group in real.param_groups:
+            group["lr"] = lr * (1 - progress)
+
+    fit(model, opt, data, on_step=anneal)
     assert all(bool(((w == 1) | (w == -1)).all()) for w in binary)
     flipped = sum(int((w != b).sum()) for w, b in zip(binary, before)) / sum(w.numel() for w in binary)
     return flipped, accuracy(model, data)
 
 
-def test_bop_trains_binary_conv_weights_without_latent_copies():
+def test_bop_trains_binary_conv_weights_without_latent_copies(digits):
     """BinaryConv2d with +-1 weights: sign(+-1) = +-1 and mean|W| = 1, so the layer uses its
     weights as they are; Bop flips them, Adam trains the rest. A short run needs a faster
-    gamma and a larger tau than the defaults (tuned for ImageNet-length training)."""
-    flipped, acc = _bop_digits(gamma=1e-2, tau=1e-4)
+    gamma and a larger tau than the defaults (tuned for ImageNet-length training). On an AMD
+    EPYC (Zen 4), seeds 0-3 with one or two threads reached 0.89-0.92 with 18-20% flipped;
+    frozen weights 0.64-0.72."""
+    flipped, acc = _bop_digits(digits, gamma=1e-2, tau=3e-5)
     assert 0.01 < flipped < 0.5
     assert acc > 0.8  # chance is 0.1
     # The flips are what helps: with a threshold no average reaches, the binary weights stay
     # as initialised and only the real parameters learn.
-    frozen_flipped, frozen_acc = _bop_digits(gamma=1e-2, tau=1.0)
+    frozen_flipped, frozen_acc = _bop_digits(digits, gamma=1e-2, tau=1.0)
     assert frozen_flipped == 0
     assert acc > frozen_acc + 0.05

@@ -47,21 +47,50 @@ def test_summary_command(capsys):
         ["1.676e+09", "8.839e+08", "5.014e+08", "2.972e+08"]
 
 
-def test_bench_runs_the_suite_then_the_report(monkeypatch, capsys):
+def test_bench_runs_the_suite_then_the_report(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
     suite = ROOT / "benchmarks"
-    code = cli.main(["bench", "-k", "batch1"])
+    code = cli.main(["bench", "--out", str(tmp_path / "out"), "-k", "batch1"])
     if not (suite / "report.py").exists():
         assert code == 2 and calls == [] and "report.py not found" in capsys.readouterr().err
         return
-    json = suite / "results.json"
+    out = (tmp_path / "out").resolve()
+    json = out / "results.json"
     assert code == 0 and calls == [
         ([sys.executable, "-m", "pytest", str(suite), f"--benchmark-json={json}", "-k", "batch1"], ROOT),
-        ([sys.executable, str(suite / "report.py"), str(json)], ROOT)]
+        ([sys.executable, str(suite / "report.py"), str(json), "--out", str(out / "RESULTS.md"),
+          "--png", str(out / "results.png")], ROOT)]
+    assert "the committed benchmarks/RESULTS.md stays as it is" in capsys.readouterr().err
     calls.clear()
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 3)
-    assert cli.main(["bench"]) == 3 and len(calls) == 1  # no report when the suite fails
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 3 and len(calls) == 1  # no report when the suite fails
+    # Writing into benchmarks/ itself replaces the committed report: it says so.
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: 3)
+    cli.main(["bench", "--out", str(suite)])
+    assert "this replaces the committed" in capsys.readouterr().err
+
+
+def test_bench_without_pytest_says_what_to_install(monkeypatch, capsys):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "pytest" else real(name))
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: pytest.fail("ran without pytest"))
+    if not (ROOT / "benchmarks" / "report.py").exists():
+        pytest.skip("no benchmarks in this install")
+    assert cli.main(["bench"]) == 2
+    assert "bench needs pytest: pip install pytest pytest-benchmark matplotlib" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_a_default_shown(capsys):
+    for command in ("demo", "powerlaw", "summary", "bench"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out.split("options:", 1)[1]
+        options = re.findall(r"^  (--[a-z-]+)", text, re.MULTILINE)
+        assert options, text
+        for option in options:
+            block = text.split("\n  " + option, 1)[1].split("\n  --", 1)[0]
+            assert "(default:" in block, (command, option, block)
 
 
 def test_usage_errors(capsys):

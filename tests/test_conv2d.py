@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import sparks_ext
 from sparks_ext.reference import conv2d_reference
-from cases import GRID, Case, SteSign
+from tests.helpers.cases import GRID, Case, SteSign
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)

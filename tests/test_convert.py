@@ -77,23 +77,8 @@ def test_converted_generic_model_compiles_and_exports():
 
 from sparks_ext.models import SmallCNN  # noqa: E402
 from sparks_ext.nn import BinaryConv2d, SparksConv2d, XnorConv2d  # noqa: E402
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def trained_small_cnn(conv, device="cpu", steps=3, seed=0):
-    """A SmallCNN after a few training steps: moved weights, selections and BatchNorm stats."""
-    torch.manual_seed(seed)
-    model = SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None, width=16).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(steps):
-        x, y = torch.randn(32, 1, 8, 8, device=device), torch.randint(0, 10, (32,), device=device)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
+from tests.helpers import DEVICES  # noqa: E402
+from tests.helpers.training import trained_small_cnn  # noqa: E402
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("conv,layer,inference", [("sparks", SparksConv2d, CodebookConv2d),

@@ -10,7 +10,7 @@ import torch
 import sparks_ext
 from sparks_ext.ops import cpu_kernels
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
-from cases import GRID, Case
+from tests.helpers.cases import GRID, Case
 
 PATHS = cpu_kernels()
 

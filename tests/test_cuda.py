@@ -19,7 +19,7 @@ import torch
 
 import sparks_ext
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
-from cases import GRID, Case
+from tests.helpers.cases import GRID, Case
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available()

@@ -1,9 +1,9 @@
-"""Bad input gets a clear error naming the argument (DESIGN.md section 1)."""
+"""Bad input gets a clear error naming the argument (docs/design.md, section 1)."""
 import pytest
 import torch
 
 import sparks_ext
-from conftest import DEVICES
+from tests.helpers import DEVICES
 
 
 def _good(device="cpu"):

@@ -7,7 +7,8 @@ import torch
 
 from sparks_ext.nn import ExpertBinaryConv2d, ExpertCodebookConv2d
 from sparks_ext.reference import conv2d_reference
-from cases import train_steps
+from tests.helpers.cases import train_steps
+from tests.helpers.training import accuracy, fit, small_cnn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,11 +149,9 @@ def test_bad_configurations_raise(kwargs, match):
             ExpertCodebookConv2d(**args)
 
 
-def test_short_digits_training_beats_chance_and_deploys_exactly():
-    from digits_training import accuracy, digits, fit, small_cnn
-
+def test_short_digits_training_beats_chance_and_deploys_exactly(digits):
     torch.manual_seed(0)
-    data = digits()
+    data = digits
     model = small_cnn(lambda *g: ExpertBinaryConv2d(*g, n_experts=4))
     fit(model, torch.optim.Adam(model.parameters(), lr=1e-2), data)
     acc = accuracy(model, data)

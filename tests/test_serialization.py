@@ -14,6 +14,7 @@ from torch import nn
 import sparks_ext
 from sparks_ext import serialization
 from sparks_ext.nn import CodebookConv2d
+from tests.helpers.training import trained_small_cnn
 
 PREAMBLE, CRC = 24, 4  # magic + version + header_len + payload_len; crc32
 
@@ -206,8 +207,6 @@ def test_malformed_header_with_valid_checksum(tmp_path):
 
 
 def test_sequential_of_library_layers_is_rebuilt(tmp_path):
-    from test_convert import trained_small_cnn
-
     xnor = next(m for m in sparks_ext.convert(trained_small_cnn("binary", steps=1)).modules()
                 if isinstance(m, sparks_ext.nn.XnorConv2d))
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), xnor, nn.PReLU(16),
@@ -322,7 +321,6 @@ def test_cuda_model_round_trip(tmp_path):
 # --- The library's models -----------------------------------------------------------------------
 
 from sparks_ext.models import SmallCNN  # noqa: E402
-from test_convert import trained_small_cnn  # noqa: E402
 
 
 @pytest.mark.parametrize("conv", ["sparks", "binary"])

@@ -11,7 +11,8 @@ from sparks_ext.nn import SignedBinaryConv2d, SignedCodebookConv2d
 from sparks_ext.nn.signed import ede_parameters, set_ede_progress, signed_binarize
 from sparks_ext.quantizers import sign
 from sparks_ext.reference import conv2d_reference
-from cases import train_steps
+from tests.helpers.cases import train_steps
+from tests.helpers.training import accuracy, fit, small_cnn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,11 +211,9 @@ def test_bad_schedule_arguments_raise():
         signed_binarize(torch.randn(2, 2, 3, 3), threshold=2.0)
 
 
-def test_short_digits_training_beats_chance_and_deploys_exactly():
-    from digits_training import accuracy, digits, fit, small_cnn
-
+def test_short_digits_training_beats_chance_and_deploys_exactly(digits):
     torch.manual_seed(0)
-    data = digits()
+    data = digits
     model = small_cnn(lambda *g: SignedBinaryConv2d(*g, gradient="ede"))
     fit(model, torch.optim.Adam(model.parameters(), lr=1e-2), data,
         on_step=lambda p: set_ede_progress(model, p))

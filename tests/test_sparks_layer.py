@@ -11,7 +11,7 @@ import sparks_ext
 from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d, XnorConv2d
 from sparks_ext.packing import kernels_to_ids
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
-from cases import train_steps
+from tests.helpers.cases import train_steps
 
 HAS_BINARY_OP = torch._C._dispatch_has_kernel_for_dispatch_key("sparks::binary_conv2d", "CPU")
 needs_binary_op = pytest.mark.skipif(not HAS_BINARY_OP, reason="sparks::binary_conv2d has no CPU kernel yet")

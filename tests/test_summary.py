@@ -11,7 +11,7 @@ from sparks_ext.summary import LayerSummary, Summary, binary_conv_bops, is_binar
 
 
 def _published_bops(c_in, c_out, k, h, w, n=None):
-    """DESIGN.md section 3, written out for groups = 1."""
+    """docs/design.md, section 7, written out for groups = 1."""
     if n is None:
         return c_out * c_in * k * k * h * w
     return min(n, c_out) * c_in * k * k * h * w + (n < c_out) * c_out * c_in * h * w / 2
@@ -106,6 +106,20 @@ def test_bad_input_size():
         sparks_ext.summary(_model(), (1, 0, 8))
     with pytest.raises(ValueError, match="input_size"):
         sparks_ext.summary(_model(), ())
+
+
+@pytest.mark.parametrize("input_size, says", [
+    ((3, 8, 8), r"input_size \(3, 8, 8\) does not fit the model: .*3 channels.*takes 1 input channel"),
+    ((8, 8), r"must be a shape \(C, H, W\) or \(N, C, H, W\) of ints, got \(8, 8\)"),
+    (8, r"must be a shape .* got 8;"),
+    ((1, 8.0, 8), r"must be a shape .* of ints"),
+])
+def test_input_size_that_does_not_fit_says_what_the_model_takes(input_size, says):
+    from sparks_ext.models import SmallCNN
+
+    with pytest.raises(ValueError, match=says) as error:
+        sparks_ext.summary(SmallCNN(conv="sparks", n_codewords=32), input_size)
+    assert "stem.0 (Conv2d), takes 1 input channel: input_size (1, H, W) or (N, 1, H, W)" in str(error.value)
 
 
 def test_data_dependent_model_runs_for_real():

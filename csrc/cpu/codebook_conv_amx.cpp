@@ -4,7 +4,7 @@
 // response. The LUT kernel (codebook_conv_avx512.cpp) gathers 64 terms per `vpermb`, at most one
 // per cycle (port 5): 64 terms per cycle and core. The tile unit's `tdpbssd` multiplies a 16 x 64
 // int8 tile by a 64 x 16 one into 16 x 16 int32 sums: 16384 products in 16 cycles, 1024 per cycle
-// (measured here: 2.9 T/s per core on registers, 2.1 T/s with the tile loads of the loop below).
+// (benchmarks/RESULTS.md has the rates measured on registers and in the loop below).
 // A term is 9 products, so that is ~113 terms per cycle: 1.8x the gather's bound, and the tiles
 // are exact (+-1 and 0 times +-1 and 0, int32 sums). So on CPUs with AMX the codebook is used to
 // *decode* weights, and the products run on tiles:
@@ -271,7 +271,7 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
   std::memset(images + g.batch * g.groups * image_bytes, 0, slack);
   if (input.scalar_type() == at::kFloat && input.stride(1) == 1) {
     // float32 with contiguous channels (channels_last, the fastest input): compares straight
-    // into int8 pixels (10% faster than packing bits first on 64->64@56).
+    // into int8 pixels, skipping the packed bits (benchmarks/RESULTS.md).
     const float* x = input.data_ptr<float>();
     at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {

@@ -65,7 +65,7 @@ class CodebookConv2d(nn.Module):
         self.register_buffer("codebook", torch.ones(n_codewords, kh, kw, dtype=torch.int8))
         # Indices live in the CPU kernel's native table: uint8 (int32 past 256 codewords) stored
         # (C_in/groups, C_out) row-major and exposed transposed as (C_out, C_in/groups), so a call
-        # reads them without a per-call conversion (0.6 ms on a 512x512 layer otherwise).
+        # reads them without a per-call conversion (its cost: benchmarks/RESULTS.md).
         index_dtype = torch.uint8 if n_codewords <= 256 else torch.int32
         self.register_buffer("indices", torch.zeros(in_channels // groups, out_channels, dtype=index_dtype).t())
         self.register_buffer("scale", torch.ones(out_channels))

@@ -1,8 +1,10 @@
-"""A few epochs on scikit-learn's 8x8 digits, shared by the method tests (kept small and fast)."""
+"""Short trainings shared by the layer and method tests (kept small and fast): a SmallCNN with
+chosen convs, a few epochs on scikit-learn's 8x8 digits (the ``digits`` fixture of conftest.py),
+and a SmallCNN after a few steps on random data."""
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from sparks_ext.datasets import load_digits_split as digits  # noqa: F401  (the tests' data)
 from sparks_ext.models import SmallCNN
 
 
@@ -40,3 +42,17 @@ def fit(model, optimizer, data, epochs=4, batch=64, on_step=None):
 def accuracy(model, data):
     _, _, x_test, y_test = data
     return (model(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def trained_small_cnn(conv, device="cpu", steps=3, seed=0):
+    """A SmallCNN after a few training steps: moved weights, selections and BatchNorm stats."""
+    torch.manual_seed(seed)
+    model = SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None, width=16).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        x, y = torch.randn(32, 1, 8, 8, device=device), torch.randint(0, 10, (32,), device=device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
