@@ -60,7 +60,7 @@ namespace {
 
 // input >= threshold[c] (or >= 0) as bool, compared in the input's dtype by ATen.
 at::Tensor ge_threshold(const at::Tensor& input, const at::Tensor& threshold) {
-  return threshold.defined() ? at::ge(input, threshold.view({1, -1, 1, 1})) : at::ge(input, 0);
+  return threshold.defined() ? at::ge(input, threshold.reshape({1, -1, 1, 1})) : at::ge(input, 0);
 }
 
 }  // namespace
@@ -188,7 +188,7 @@ SPARKS_AVX512 void pack_row_avx512(const void* src, at::ScalarType type, int64_t
   for (int64_t w = 0; w < pixels; ++w)
     for (int64_t k = 0; k < words; ++k) {
       const int64_t count = std::min<int64_t>(64, cin_g - 64 * k), at = w * s_w + 64 * k * s_c;
-      const float* t = thr + 64 * k;
+      const float* t = thr != nullptr ? thr + 64 * k : nullptr;  // null for 0/1 bytes
       out[w * words + k] =
           type == at::kFloat      ? pack_floats_avx512(static_cast<const float*>(src) + at, count, s_c, t)
           : type == at::kBFloat16 ? pack_bf16_avx512(static_cast<const uint16_t*>(src) + at, count, t)
