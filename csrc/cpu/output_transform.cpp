@@ -153,7 +153,7 @@ void OutputTransform::store_scalar(const OutputTransform& w, const int32_t* tile
   // Up to kChunk channels of one row at a time through an opmath buffer: each step is one
   // branch-free loop, which the compiler vectorizes for contiguous channels.
   constexpr int64_t kChunk = 64;
-  opmath_t y[kChunk];
+  opmath_t y[kChunk], z[kChunk];
   int64_t oh = p0 / w.out_w_, ow = p0 % w.out_w_;  // stepped, not divided, per row
   for (int64_t r = 0; r < rows; ++r, ++ow) {
     if (ow == w.out_w_) ow = 0, ++oh;
@@ -180,15 +180,21 @@ void OutputTransform::store_scalar(const OutputTransform& w, const int32_t* tile
           for (int64_t c = 0; c < m; ++c) y[c] = y[c] + static_cast<opmath_t>(res[(c0 + c) * r_c]);
         }
       }
-      if (prelu)
-        for (int64_t c = 0; c < m; ++c)
-          y[c] = y[c] >= opmath_t(0) ? y[c] : static_cast<opmath_t>(prelu[c0 + c]) * y[c];
+      opmath_t* v = y;
+      if (prelu) {
+        // Both sides computed and selected into another buffer: an unconditional store, so the
+        // compiler blends per lane instead of branching on the sign (which a random sign
+        // mispredicts half the time).
+        for (int64_t c = 0; c < m; ++c) z[c] = static_cast<opmath_t>(prelu[c0 + c]) * y[c];
+        for (int64_t c = 0; c < m; ++c) z[c] = y[c] >= opmath_t(0) ? y[c] : z[c];
+        v = z;
+      }
       if (post)
-        for (int64_t c = 0; c < m; ++c) y[c] = y[c] + static_cast<opmath_t>(post[c0 + c]);
+        for (int64_t c = 0; c < m; ++c) v[c] = v[c] + static_cast<opmath_t>(post[c0 + c]);
       if (s_c == 1) {
-        for (int64_t c = 0; c < m; ++c) dst[c0 + c] = static_cast<scalar_t>(y[c]);
+        for (int64_t c = 0; c < m; ++c) dst[c0 + c] = static_cast<scalar_t>(v[c]);
       } else {
-        for (int64_t c = 0; c < m; ++c) dst[(c0 + c) * s_c] = static_cast<scalar_t>(y[c]);
+        for (int64_t c = 0; c < m; ++c) dst[(c0 + c) * s_c] = static_cast<scalar_t>(v[c]);
       }
     }
   }
