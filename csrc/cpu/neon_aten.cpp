@@ -14,15 +14,15 @@ core::ParallelFor aten_parallel() {
   };
 }
 
-core::TileStore tile_store(const TileWriter& writer) {
+core::TileStore tile_store(const OutputTransform& writer) {
   return [&writer](const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows, int64_t co0,
                    int64_t cols) { writer.store(tile, ld, n, p0, rows, co0, cols); };
 }
 
-// Binarized by ATen (x >= 0; NaN is -1, like the reference) into channels-last bytes, then
-// packed 64 channels per NEON compare.
-core::PixelGrid pack_input(const at::Tensor& input, const ConvGeometry& g) {
-  const at::Tensor bits = at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
+// Binarized by ATen (x >= threshold[c], or >= 0; NaN is -1, like the reference) into
+// channels-last bytes, then packed 64 channels per NEON compare.
+core::PixelGrid pack_input(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g) {
+  const at::Tensor bits = ge_threshold(input, threshold).contiguous(at::MemoryFormat::ChannelsLast);
   const core::InputBits view{reinterpret_cast<const uint8_t*>(bits.data_ptr<bool>()), bits.stride(0),
                              bits.stride(1), bits.stride(2), bits.stride(3)};
   return core::pack_grid(view, g, &neon::pack_bytes, aten_parallel());
@@ -30,9 +30,9 @@ core::PixelGrid pack_input(const at::Tensor& input, const ConvGeometry& g) {
 
 }  // namespace
 
-void codebook_conv_neon(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                        const ConvGeometry& g, const TileWriter& writer) {
-  const core::PixelGrid px = pack_input(input, g);
+void codebook_conv_neon(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb, const at::Tensor& indices,
+                        const ConvGeometry& g, const OutputTransform& writer) {
+  const core::PixelGrid px = pack_input(input, threshold, g);
   const std::vector<uint8_t> lut = core::build_lut(cb.sign.data(), cb.mask.data(), cb.size(), g.taps());
   // (C_in/groups, C_out) bytes, free for uint8 indices stored transposed.
   const at::Tensor idx_t = index_table(indices);
@@ -40,9 +40,9 @@ void codebook_conv_neon(const at::Tensor& input, const PackedCodebook& cb, const
                  at::get_num_threads(), aten_parallel(), tile_store(writer));
 }
 
-void binary_conv_neon(const at::Tensor& input, const at::Tensor& packed_weight, const ConvGeometry& g,
-                      const TileWriter& writer) {
-  const core::PixelGrid px = pack_input(input, g);
+void binary_conv_neon(const at::Tensor& input, const at::Tensor& threshold, const at::Tensor& packed_weight, const ConvGeometry& g,
+                      const OutputTransform& writer) {
+  const core::PixelGrid px = pack_input(input, threshold, g);
   neon::binary_conv(px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,
                     aten_parallel(), tile_store(writer));
 }

@@ -7,6 +7,7 @@
 
 #include "../conv_args.h"
 #include "neon_kernels.h"
+#include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
@@ -14,12 +15,12 @@ namespace cpu {
 
 #if SPARKS_NEON_COMPILED
 // conv2d through the NEON LUT kernel; the caller has checked core::lut_applies(g, cb.size()).
-void codebook_conv_neon(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                        const ConvGeometry& g, const TileWriter& writer);
+void codebook_conv_neon(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb, const at::Tensor& indices,
+                        const ConvGeometry& g, const OutputTransform& writer);
 
 // binary_conv2d; packed_weight is pack_weight_channels' (C_out, taps, words).
-void binary_conv_neon(const at::Tensor& input, const at::Tensor& packed_weight, const ConvGeometry& g,
-                      const TileWriter& writer);
+void binary_conv_neon(const at::Tensor& input, const at::Tensor& threshold, const at::Tensor& packed_weight, const ConvGeometry& g,
+                      const OutputTransform& writer);
 #endif
 
 }  // namespace cpu
