@@ -56,7 +56,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib", "pillow"],
+        "train": ["pillow", "scikit-learn"],
         "plot": ["matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
     },
