@@ -519,13 +519,13 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def evaluate(model: nn.Module, dataset, batch_size: int, ctx: _Dist, cfg: TrainConfig):
     """(accuracy %, mean cross-entropy) of ``model`` in eval mode on ``dataset``; under torchrun
     each rank takes every world-th image and the counts are summed."""
+    model = _unwrap(model)  # no DDP forward: the ranks may hold different numbers of batches
     was_training = model.training
     model.eval()
-    indices = list(range(ctx.rank, len(dataset), ctx.world))
+    shard = torch.utils.data.Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world)))
     totals = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(indices), batch_size):
-        xs, ys = zip(*(dataset[i] for i in indices[start:start + batch_size]))
-        x, y = torch.stack(xs).to(ctx.device), torch.tensor(ys, device=ctx.device)
+    for x, y in torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=cfg.workers):
+        x, y = x.to(ctx.device), y.to(ctx.device)
         with _autocast(cfg, ctx.device):
             logits = model(x)
         totals[0] += (logits.argmax(1) == y).sum().item()
@@ -634,6 +634,11 @@ def _run_stage(cfg: TrainConfig, stage: str, data, ctx: _Dist, teacher: Optional
         bar.close()
         if ctx.world > 1:
             dist.all_reduce(sums)
+            _check_same_selection(model)
+            # Each rank's BatchNorm statistics moved with its own last batch: evaluate and save
+            # rank 0's model everywhere.
+            for buffer in _unwrap(net).buffers():
+                dist.broadcast(buffer, 0)
         val_acc, val_loss = evaluate(net, data.val, 2 * cfg.batch_size, ctx, cfg)
         row = {"stage": folder.name, "epoch": epoch + 1, "step": step,
                "train_loss": round(sums[0].item() / sums[2].item(), 6),
@@ -644,8 +649,6 @@ def _run_stage(cfg: TrainConfig, stage: str, data, ctx: _Dist, teacher: Optional
         history.append(row)
         if budget["epochs"] is not None:
             budget["epochs"] -= 1
-        if ctx.world > 1:
-            _check_same_selection(model)
         if ctx.main:
             state = _unwrap(net).state_dict()
             if val_acc > best:
@@ -718,6 +721,14 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> dict:
     returns the result (also written to ``--out/result.json``). Under torchrun, call it on
     every rank."""
     cfg = dataclasses.replace(config or TrainConfig(), **overrides).validate()
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this run only
+
+
+def _train(cfg: TrainConfig) -> dict:
     from .data import load_datasets
 
     ctx = _setup_distributed(cfg)
@@ -781,13 +792,12 @@ def _stopped(ctx: _Dist) -> dict:
 
 
 @torch.no_grad()
-def _predictions(model, dataset, batch_size=256):
+def _predictions(model, dataset, workers: int = 0, batch_size: int = 256):
     preds, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        xs, ys = zip(*(dataset[i] for i in range(start, min(len(dataset), start + batch_size))))
-        preds.append(model(torch.stack(xs)).argmax(1))
-        labels += ys
-    return torch.cat(preds), torch.tensor(labels)
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        preds.append(model(x).argmax(1))
+        labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
 
 
 def _finish(cfg: TrainConfig, model: nn.Module, data) -> dict:
@@ -798,9 +808,9 @@ def _finish(cfg: TrainConfig, model: nn.Module, data) -> dict:
 
     out = Path(cfg.out)
     model.eval()
-    preds, labels = _predictions(model, data.val)
+    preds, labels = _predictions(model, data.val, cfg.workers)
     converted = convert(model)
-    converted_preds, _ = _predictions(converted, data.val)
+    converted_preds, _ = _predictions(converted, data.val, cfg.workers)
     size = save(converted, out / "model.spk")
     info = summary(converted, (data.channels, data.image_size, data.image_size),
                    name=f"{cfg.model} ({cfg.conv}{'' if cfg.conv in ('float', 'binary') else f', n={cfg.n_codewords}'})")
@@ -817,7 +827,7 @@ def _finish(cfg: TrainConfig, model: nn.Module, data) -> dict:
         for n in cfg.frequency_eval:
             freq = copy.deepcopy(model)
             _replace(freq, lambda m: isinstance(m, BinaryConv2d), lambda m: m.to_inference(n_codewords=n))
-            p, _ = _predictions(freq.eval(), data.val)
+            p, _ = _predictions(freq.eval(), data.val, cfg.workers)
             result["frequency_accuracy"][str(n)] = 100 * (p == labels).float().mean().item()
     return result
 

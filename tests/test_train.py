@@ -272,7 +272,7 @@ def test_malformed_image_folder_is_rejected(tmp_path, capsys, files, message):
 # ---------------------------------------------------------------------------------------------
 # the selection's defaults in a plain loop (no temperature schedule, one optimizer)
 
-def test_temperature_follows_its_own_schedule_until_set():
+def test_temperature_follows_its_own_schedule_until_set(one_thread):
     from sparks_ext.nn import SparksConv2d
     from sparks_ext.selection import current_temperature, set_temperature
     layer = SparksConv2d(4, 4, 3, n_codewords=8, padding=1)
@@ -291,7 +291,7 @@ def test_temperature_follows_its_own_schedule_until_set():
         SparksConv2d(4, 4, 3, n_codewords=8, auto_tau_steps=0)
 
 
-def _plain_loop_changes(steps=600, **layer_kwargs):
+def _plain_loop_changes(steps=500, **layer_kwargs):
     """A SparksConv2d fitted to a fixed random target by Adam(lr=1e-3) with no schedule;
     returns how many codewords its hard selection swapped in the last 100 steps."""
     from sparks_ext.nn import SparksConv2d
@@ -312,7 +312,7 @@ def _plain_loop_changes(steps=600, **layer_kwargs):
     return changes
 
 
-def test_plain_loop_selection_settles_with_the_defaults():
+def test_plain_loop_selection_settles_with_the_defaults(one_thread):
     """With the old behaviour (logits used as they are, tau fixed at 1 when nobody sets it) the
     Gumbel noise dominates logits that Adam moves 1e-3 per step, and the hard selection is
     redrawn at every Hungarian refresh; with the defaults it settles. The margin is wide: the
