@@ -178,6 +178,9 @@ class TrainConfig:
             raise ValueError(f"--optimizer bop trains 1-bit weights: it needs --conv binary, got --conv {self.conv}")
         if self.conv == "float" and self.stage not in ("auto", "one"):
             raise ValueError(f"--stage {self.stage}: a float network trains in one stage (--stage one)")
+        if self.sync_bn and (self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())):
+            raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm runs only on CUDA (on CPU each process "
+                             "keeps its own BatchNorm statistics; the trainer evaluates and saves rank 0's)")
         if self.amp_dtype == "fp16" and self.device == "cpu":
             raise ValueError("--amp-dtype fp16 needs a GPU (on CPU, autocast runs in bf16)")
         if self.teacher is not None and self.teacher != "train":

@@ -16,7 +16,7 @@ import torch
 from sparks_ext.__main__ import main as cli
 from sparks_ext.data import ImageFolder, load_datasets, scan_image_folder
 from sparks_ext.datasets import load_digits_split
-from sparks_ext.train import TrainConfig, distillation_loss, train
+from sparks_ext.train import TrainConfig, build_model, distillation_loss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(data="digits", model="smallcnn", width=8, n_codewords=8, epochs=1, batch_size=64,
@@ -194,7 +194,7 @@ def test_torchrun_two_processes(tmp_path):
     same selection (checked by the trainer every epoch) and reach the accuracy of one process
     (a wide margin: per-rank BatchNorm statistics differ from one process's)."""
     args = ["train", "--data", "digits", "--width", "8", "--conv", "sparks", "--n-codewords", "8",
-            "--stage", "one", "--epochs", "2", "--lr", "5e-3", "--threads", "1", "--quiet"]
+            "--stage", "one", "--epochs", "2", "--lr", "2e-2", "--threads", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={_free_port()}", "-m", "sparks_ext", *args,
@@ -206,8 +206,9 @@ def test_torchrun_two_processes(tmp_path):
     assert ddp["final"]["steps"] == 2 * 21  # 21 global batches of 64 (the last 3 images dropped)
     assert cli([*args, "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "result.json").read_text())
-    assert ddp["accuracy"] > 50.0 and one["accuracy"] > 50.0
-    assert abs(ddp["accuracy"] - one["accuracy"]) < 25.0
+    # 42 steps give ~50-55% both ways on our machine; chance is 10%.
+    assert ddp["accuracy"] > 35.0 and one["accuracy"] > 35.0
+    assert abs(ddp["accuracy"] - one["accuracy"]) < 15.0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -223,6 +224,7 @@ def test_torchrun_two_processes(tmp_path):
     (["--conv", "float", "--stage", "two"], "a float network trains in one stage"),
     (["--data", "/nonexistent/images"], "not a directory"),
     (["--frequency-eval", "16"], "--frequency-eval .* needs --conv binary"),
+    (["--sync-bn", "--device", "cpu"], "--sync-bn needs GPUs"),
 ])
 def test_bad_flags_are_rejected(argv, message, tmp_path, capsys):
     assert cli(["train", *argv, "--out", str(tmp_path / "run"), "--quiet"]) == 2
@@ -321,3 +323,20 @@ def test_plain_loop_selection_settles_with_the_defaults(one_thread):
     new = _plain_loop_changes()
     assert old >= 20
     assert new <= 3
+
+
+def test_bop_and_signed_runs(tmp_path):
+    """Bop in stage 2 keeps the 1-bit weights at exactly +-1 (after stage 1's real weights); a
+    signed-binary network with a learned mask sub-codebook trains, converts and saves."""
+    from sparks_ext.nn import BinaryConv2d
+    train(TrainConfig(**{**TINY, "conv": "binary", "optimizer": "bop", "bop_gamma": 1e-2, "bop_tau": 1e-4}),
+          out=str(tmp_path / "bop"))
+    stage2 = _state(tmp_path / "bop" / "stage2" / "last.pt")
+    names = [f"{name}.weight" for name, m in build_model("smallcnn", "binary", 10, 1, 8, width=8).named_modules()
+             if isinstance(m, BinaryConv2d)]
+    assert len(names) == 4
+    assert all(bool(((stage2[k] == 1) | (stage2[k] == -1)).all()) for k in names)
+    stage1 = _state(tmp_path / "bop" / "stage1" / "last.pt")
+    assert not bool(((stage1[names[0]] == 1) | (stage1[names[0]] == -1)).all())  # real weights in stage 1
+    result = train(TrainConfig(**{**TINY, "conv": "signed", "stage": "one"}), out=str(tmp_path / "signed"))
+    assert result["converted_agreement"] == 100.0 and result["file_bytes"] > 0
