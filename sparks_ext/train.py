@@ -777,7 +777,14 @@ def _train(cfg: TrainConfig) -> dict:
 
     result = {"config": _config_dict(cfg), "world_size": ctx.world, **results,
               "seconds": round(time.perf_counter() - start, 3)}
-    if ctx.main:
+    if ctx.main and cfg.stages[-1] == "1":
+        # Stage 1 keeps real weights: there is no binary network to convert yet.
+        preds, labels = _predictions(model.cpu().eval(), data.val, cfg.workers)
+        result["accuracy"] = 100 * (preds == labels).float().mean().item()
+        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        log(f"stage 1 done in {result['seconds']:.0f} s: val accuracy {result['accuracy']:.2f}%; continue with "
+            f"--stage 2 --init {out / 'stage1' / 'last.pt'}")
+    elif ctx.main:
         result.update(_finish(cfg, model.cpu(), data))
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         log(f"done in {result['seconds']:.0f} s: val accuracy {result['accuracy']:.2f}% "
