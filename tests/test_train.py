@@ -93,8 +93,9 @@ def test_resume_is_bit_identical(tmp_path):
     """An interrupted run resumed from its checkpoint ends with exactly the weights, buffers and
     metrics of an uninterrupted one: data order, augmentation and Gumbel noise are functions of
     (seed, epoch, index / step), the optimizer and scheduler state is saved, and the CPU ops are
-    deterministic, so no tolerance is needed. Interrupted mid-stage and at the stage boundary."""
-    cfg = TrainConfig(**{**TINY, "conv": "sparks", "stage": "two", "stage1_epochs": 2, "epochs": 1,
+    deterministic, so no tolerance is needed. Interrupted at the stage boundary and in the middle
+    of stage 2 (with the selection's step, noise seed and cached selection in the checkpoint)."""
+    cfg = TrainConfig(**{**TINY, "conv": "sparks", "stage": "two", "stage1_epochs": 1, "epochs": 2,
                          "augment": "small"})
     full = train(cfg, out=str(tmp_path / "full"))
     for stop in (1, 2):
