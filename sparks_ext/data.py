@@ -19,7 +19,6 @@ processes, and a resumed run repeats exactly what an uninterrupted run would hav
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

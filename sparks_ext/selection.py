@@ -1,4 +1,4 @@
-"""Learning which n of the 2^(kh*kw) binary kernels a layer may use (DESIGN.md section 3).
+"""Learning which n of the 2^(kh*kw) binary kernels a layer may use.
 
 The selection is a permutation of the full codebook whose first n rows name the chosen
 codewords. Only those n rows matter, so a layer keeps logits ``X`` of shape (n, M), M = 2^(kh*kw),

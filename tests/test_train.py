@@ -5,6 +5,7 @@ rather than figures tuned on one machine."""
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import torch
 
 from sparks_ext.__main__ import main as cli
 from sparks_ext.data import ImageFolder, load_datasets, scan_image_folder
-from sparks_ext.datasets import load_digits_split
 from sparks_ext.train import TrainConfig, build_model, distillation_loss, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,7 +231,6 @@ def test_bad_flags_are_rejected(argv, message, tmp_path, capsys):
     assert cli(["train", *argv, "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err
-    import re
     assert re.search(message, err), err
     assert not (tmp_path / "run" / "model.spk").exists()
 
@@ -267,7 +266,6 @@ def _tree(root: Path, files):
 def test_malformed_image_folder_is_rejected(tmp_path, capsys, files, message):
     _tree(tmp_path / "data", files)
     assert cli(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    import re
     err = capsys.readouterr().err
     assert re.search(message, err), err
 
