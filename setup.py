@@ -109,7 +109,8 @@ setup(
     # ninja: torch.utils.cpp_extension compiles the extension with it when no prebuilt one fits.
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib", "pillow"],
+        "train": ["pillow", "scikit-learn"],
         "plot": ["matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
         # python -m sparks_ext bench: the benchmark suite and its report's chart

@@ -136,7 +136,9 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--logit-lr", type=float, default=5e-2)
+    p.add_argument("--logit-lr", type=float, default=1e-3,
+                   help="Adam lr of the selection logits; the layers use 50 x logits (logit_scale), "
+                        "so this moves the effective logits as 5e-2 did before that scale existed")
     p.add_argument("--tau-start", type=float, default=1.0)
     p.add_argument("--tau-end", type=float, default=0.05)
     p.add_argument("--bop-gamma", type=float, default=1e-4)

@@ -283,6 +283,13 @@ def main(argv=None) -> int:
     p.add_argument("--show", choices=["1-bit", "n=64", "n=32", "n=16"], default="n=32",
                    help="which network's per-layer table to print before the comparison")
     p.set_defaults(func=summary_command)
+    from . import train as training
+    p = sub.add_parser("train", help="train a float, 1-bit, Sparks or signed-binary network on an image "
+                                     "folder or the digits (two-stage ReActNet recipe, distillation, "
+                                     "torchrun, checkpoints), then convert and save it",
+                       description=training.__doc__.split("\n\n")[0])
+    training.add_arguments(p)
+    p.set_defaults(func=training.main)
     p = sub.add_parser("bench", help="run the layer benchmarks (benchmarks/, a few minutes) and "
                                      "their report; further arguments go to pytest, e.g. -k 'batch1'")
     p.set_defaults(func=bench)

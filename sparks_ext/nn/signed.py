@@ -98,8 +98,9 @@ class SignedBinaryConv2d(_LatentBinaryConv):
         region: ``"channel"`` (one sign per output channel) or ``"kernel"`` (one per kernel).
         gradient: ``"ste"`` or ``"ede"`` (see :func:`set_ede_progress`).
         n_codewords: None (every {0, s} pattern allowed) or n, to learn a sub-codebook of n
-            masks (1 <= n <= 2^(kh*kw)); ``sinkhorn_iters``, ``hungarian_every`` and
-            ``gumbel_scale`` as for :class:`~sparks_ext.nn.SparksConv2d`.
+            masks (1 <= n <= 2^(kh*kw)); ``sinkhorn_iters``, ``hungarian_every``,
+            ``gumbel_scale``, ``logit_scale`` and ``auto_tau_steps`` as for
+            :class:`~sparks_ext.nn.SparksConv2d`.
 
     ``density`` is the fraction of non-zero quantized weights. Training mode runs a dense float
     convolution of the binarized input; eval mode runs :func:`sparks_ext.conv2d` on the ternary
@@ -110,7 +111,8 @@ class SignedBinaryConv2d(_LatentBinaryConv):
                  stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                  groups: int = 1, bias: bool = False, threshold: float = 0.5,
                  region: str = "channel", gradient: str = "ste", n_codewords: Optional[int] = None,
-                 sinkhorn_iters: int = 20, hungarian_every: int = 10, gumbel_scale: float = 1.0):
+                 sinkhorn_iters: int = 20, hungarian_every: int = 10, gumbel_scale: float = 1.0,
+                 logit_scale: float = 50.0, auto_tau_steps: int = 500):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, "dense")
         _check_threshold(threshold)
@@ -128,7 +130,8 @@ class SignedBinaryConv2d(_LatentBinaryConv):
         if isinstance(n_codewords, bool) or not isinstance(n_codewords, int) or not 1 <= n_codewords <= total:
             raise ValueError(f"n_codewords must be None or an int in [1, {total}] for {kh}x{kw} kernels, "
                              f"got {n_codewords!r}")
-        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale)
+        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale,
+                            logit_scale, auto_tau_steps)
         masks = (full_codebook(kh, kw).reshape(total, kh * kw) > 0).float()
         self.register_buffer("masks", masks, persistent=False)
 

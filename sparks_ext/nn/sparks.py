@@ -41,14 +41,20 @@ class SparksConv2d(_LatentBinaryConv):
         n_codewords: n, the codebook size (1 <= n <= 2^(kh*kw)); log2(n)/(kh*kw) bits per weight.
         sinkhorn_iters: Sinkhorn iterations per training step.
         hungarian_every: training steps between recomputations of the hard selection.
-        gumbel_scale: multiplier of the Gumbel noise (0 turns it off).
+        gumbel_scale: multiplier of the Gumbel noise, which is also scaled by the temperature
+            (0 turns it off).
+        logit_scale: the selection uses ``logit_scale * logits``, so that an ordinary optimizer
+            step on ``logits`` moves the selection fast enough (see :mod:`sparks_ext.selection`).
+        auto_tau_steps: without :func:`~sparks_ext.selection.set_temperature`, the temperature
+            decays from 1 to 0.05 over this many training steps of the layer.
         backend: training forward, ``"dense"`` (F.conv2d on the binarized input) or ``"op"``
             (:func:`sparks_ext.binary_conv2d` with its autograd; the codebook op cannot carry the
             per-kernel gradient the latent weights need). Eval mode always runs
             :func:`sparks_ext.conv2d` with the selected codebook, exactly as the inference layer.
 
     The Sinkhorn temperature is the buffer ``temperature`` (set it with
-    :func:`sparks_ext.selection.set_temperature`, e.g. from a ``TemperatureSchedule``).
+    :func:`sparks_ext.selection.set_temperature`, e.g. from a ``TemperatureSchedule`` over the
+    run; until then the layer follows its own schedule, which suits runs of ~500+ steps).
     ``to_inference()`` returns the :class:`~sparks_ext.nn.CodebookConv2d` whose output equals
     this layer's eval-mode output exactly.
     """
@@ -57,7 +63,7 @@ class SparksConv2d(_LatentBinaryConv):
                  n_codewords: int = 32, stride: IntOrPair = 1, padding: IntOrPair = 0,
                  dilation: IntOrPair = 1, groups: int = 1, bias: bool = False,
                  sinkhorn_iters: int = 20, hungarian_every: int = 10, gumbel_scale: float = 1.0,
-                 backend: str = "dense"):
+                 backend: str = "dense", logit_scale: float = 50.0, auto_tau_steps: int = 500):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, backend)
         kh, kw = self.kernel_size
@@ -68,7 +74,8 @@ class SparksConv2d(_LatentBinaryConv):
         if not 1 <= n_codewords <= total:
             raise ValueError(f"n_codewords must be in [1, {total}] for {kh}x{kw} kernels, got {n_codewords}")
         self.n_codewords = n_codewords
-        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale)
+        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale,
+                            logit_scale, auto_tau_steps)
         self.register_buffer("full_codebook", full_codebook(kh, kw).reshape(total, kh * kw), persistent=False)
 
     @property
