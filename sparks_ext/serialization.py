@@ -250,7 +250,7 @@ def _check_spec(spec, where: str, depth: int = 0) -> None:
     """The architecture description's shape, before any class is looked up: a tree of
     {"class": str, "children": [[name, spec], ...]} and {"class": str, "config": {str: value}}
     nodes, values JSON scalars or lists of them, at most _MAX_DEPTH deep."""
-    bad = f"{where} is corrupted: malformed architecture"
+    bad = f"{where} is corrupted: cannot rebuild its architecture (malformed architecture)"
     if depth > _MAX_DEPTH:
         raise ValueError(f"{bad}: nested deeper than {_MAX_DEPTH}")
     if not (isinstance(spec, dict) and isinstance(spec.get("class"), str)

@@ -170,7 +170,10 @@ def _peak_mb_of_load(path) -> tuple[str, float]:
 def test_zlib_bomb_header(tmp_path):
     # Once: a 2 MB header inflated to 2.3 GB before failing. Now inflation stops at 16 MiB.
     path = tmp_path / "bomb.spk"
-    bomb = zlib.compress(b'{"tensors": [' + b" " * (2 << 30) + b"]}", 9)
+    deflate = zlib.compressobj(9)
+    spaces = b" " * (1 << 20)
+    bomb = deflate.compress(b'{"tensors": [') + b"".join(deflate.compress(spaces) for _ in range(64))
+    bomb += deflate.compress(b"]}") + deflate.flush()  # 64 MiB of JSON in about 65 KB
     path.write_bytes(_frame(bomb, b""))
     message, peak = _peak_mb_of_load(path)
     assert "inflates past 16777216 bytes" in message
