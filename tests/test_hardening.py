@@ -182,7 +182,8 @@ def test_wide_layer_keeps_no_gigabyte_of_scratch(path):
         """, path, threads=2)
     exact, kept_mb = out.split()
     assert exact == "True"
-    assert float(kept_mb) < 100, f"{kept_mb} MB kept after the call"
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # ASan holds freed memory in quarantine
+        assert float(kept_mb) < 100, f"{kept_mb} MB kept after the call"
 
 
 # --- Bool weights --------------------------------------------------------------------------------
