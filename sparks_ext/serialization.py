@@ -124,6 +124,8 @@ def _decode(name: str, blob: bytes, encoding: str, dtype: torch.dtype, shape: tu
             n: Optional[int]) -> torch.Tensor:
     numel = math.prod(shape)
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    if encoding == "raw" and dtype == torch.bool:  # any nonzero byte is True, as a stored 1
+        return (raw != 0).reshape(shape)
     if encoding == "raw":
         return raw.view(dtype).reshape(shape).clone()
     if encoding == "index":
@@ -453,7 +455,8 @@ def _check_values(state: dict, where: str) -> None:
     entries outside {-1, 0, +1} and indices that name no codeword of their codebook."""
     for name, t in state.items():
         if name == "codebook" or name.endswith(".codebook"):
-            if t.dtype == torch.bool or not ((t == 0) | (t == 1) | (t == -1)).all():
+            v = t.double()  # in its own dtype, uint8 would compare 255 equal to -1
+            if t.dtype == torch.bool or not ((v == 0) | (v == 1) | (v == -1)).all():
                 raise ValueError(f"{where} is corrupted: tensor {name!r} has entries outside "
                                  f"{{-1, 0, +1}}")
             indices = state.get(name[: len(name) - len("codebook")] + "indices")

@@ -316,3 +316,25 @@ def test_load_into_a_model_returns_it_in_eval_mode(tmp_path):
     assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded[1].running_mean, stats)  # BatchNorm statistics untouched
     assert not sparks_ext.load(path).training
+
+
+def _buffers(**tensors):
+    module = nn.Module()
+    for name, t in tensors.items():
+        module.register_buffer(name, t)
+    return module
+
+
+def test_raw_bool_bytes_load_as_bools(tmp_path):
+    # A crafted raw bool tensor may hold any byte: it loads as a proper bool (nonzero is True).
+    path = tmp_path / "m.spk"
+    _write(path, {"tensors": [["mask", "raw", "bool", [4], 4, None]]}, bytes([0, 1, 2, 255]))
+    loaded = sparks_ext.load(path, _buffers(mask=torch.zeros(4, dtype=torch.bool)))
+    assert loaded.mask.view(torch.uint8).tolist() == [0, 1, 1, 1]
+
+
+def test_uint8_codebook_entries_are_compared_as_numbers(tmp_path):
+    path = tmp_path / "m.spk"
+    _write(path, {"tensors": [["codebook", "raw", "uint8", [1, 1, 2], 2, None]]}, bytes([1, 255]))
+    with pytest.raises(ValueError, match=r"'codebook' has entries outside \{-1, 0, \+1\}"):
+        sparks_ext.load(path, _buffers(codebook=torch.zeros(1, 1, 2, dtype=torch.uint8)))
