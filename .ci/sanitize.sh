@@ -11,6 +11,10 @@
 # runtime (and libstdc++, which it must not load after it) preloaded. Leak detection is off:
 # the interpreter's own allocations at exit are not the extension's.
 set -euo pipefail
+
+# All in one function, parsed before it runs: bash reads a script as it goes, so editing this
+# file during a (long) run would otherwise change what the run does.
+main() {
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -59,3 +63,6 @@ if compgen -G "$work/reports/[au][sb]san.*" > /dev/null; then
 fi
 [ "$status" = 0 ] || { echo "tests failed under the sanitizers" >&2; exit 1; }
 echo "sanitizers: no reports on paths $paths"
+}
+
+main "$@"
