@@ -27,6 +27,55 @@ void check_per_channel(const c10::optional<at::Tensor>& t, const char* name,
               input.device(), ", got ", t->device());
 }
 
+// Bounds of the geometry arithmetic, in their own function so that every size the kernels derive
+// from the arguments is known to fit int64 (the kernels index with int64 and never re-check).
+// Rejects, naming the argument: a dilated kernel extent dilation * (k - 1) + 1 or a padded size
+// H + 2 * padding that overflows int64, and an output whose element count overflows it.
+void check_geometry_fits_int64(const at::Tensor& input, int64_t out_channels, int64_t kernel_h,
+                               int64_t kernel_w, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation) {
+  const int64_t kernel[2] = {kernel_h, kernel_w};
+  for (int d = 0; d < 2; ++d) {
+    int64_t extent = 0, padded = 0;
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(dilation[d], kernel[d] - 1, &extent) &&
+                          !__builtin_add_overflow(extent, 1, &extent),
+                      "dilation ", dilation, " is too large: dilation * (kernel - 1) + 1 with a ",
+                      kernel_h, "x", kernel_w, " kernel overflows int64");
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(padding[d], 2, &padded) &&
+                          !__builtin_add_overflow(padded, input.size(2 + d), &padded),
+                      "padding ", padding, " is too large: the padded input size ",
+                      input.size(2 + d), " + 2 * padding overflows int64");
+  }
+  // Every factor is now known to fit; the output's element count must too (its allocation
+  // would otherwise fail with an overflow deep inside ATen).
+  int64_t numel = input.size(0), factor = out_channels;
+  for (int d = 0; d < 2; ++d) {
+    const int64_t size = input.size(2 + d) + 2 * padding[d] - (dilation[d] * (kernel[d] - 1) + 1);
+    if (size < 0) return;  // reported by the caller (smaller than the dilated kernel)
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(numel, factor, &numel),
+                      "padding ", padding, " and stride ", stride,
+                      " give an output with more elements than int64 can count");
+    factor = size / stride[d] + 1;
+  }
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(numel, factor, &numel) &&
+                        !__builtin_mul_overflow(numel, int64_t{8}, &numel),
+                    "padding ", padding, " and stride ", stride,
+                    " give an output with more elements than int64 can count");
+}
+
+// Every kernel accumulates a sum of C_in/groups * kh * kw terms of +-1 (or 0) in int32, and the
+// XNOR kernels form 2 * (mismatch count) on the way: kMaxTerms (2^30 - 1) keeps both inside
+// int32. Larger sums are refused rather than wrapped.
+void check_sum_fits_int32(int64_t in_per_group, int64_t kernel_h, int64_t kernel_w,
+                          const char* weight_name) {
+  int64_t terms = 0;
+  const bool overflow = __builtin_mul_overflow(in_per_group, kernel_h * kernel_w, &terms);
+  TORCH_CHECK_VALUE(!overflow && terms <= kMaxTerms, weight_name,
+                    ": C_in/groups x kh x kw = ", in_per_group, " x ", kernel_h, " x ", kernel_w,
+                    " terms per output exceed the ", kMaxTerms,
+                    " that the int32 accumulators hold; use more groups or fewer channels");
+}
+
 // Checks everything but the weight's own layout; `kernel_h/kernel_w/out_channels/in_per_group`
 // come from the codebook+indices or from the dense weight.
 ConvGeometry check_common(const at::Tensor& input, int64_t out_channels, int64_t weight_in_channels,
@@ -57,6 +106,8 @@ ConvGeometry check_common(const at::Tensor& input, int64_t out_channels, int64_t
                     kernel_w, " has ", kernel_h * kernel_w,
                     " taps; at most 64 fit the bit packing");
 
+  check_geometry_fits_int64(input, out_channels, kernel_h, kernel_w, stride, padding, dilation);
+
   ConvGeometry g;
   g.batch = input.size(0);
   g.in_channels = input.size(1);
@@ -81,6 +132,8 @@ ConvGeometry check_common(const at::Tensor& input, int64_t out_channels, int64_t
   TORCH_CHECK_VALUE(weight_in_channels == g.in_channels / groups, weight_name,
                     " expects C_in/groups = ", weight_in_channels, " input channels per group, but input has ",
                     g.in_channels, " channels and groups = ", groups);
+
+  check_sum_fits_int32(weight_in_channels, kernel_h, kernel_w, weight_name);
 
   const int64_t eff_h = g.dil_h * (kernel_h - 1) + 1;
   const int64_t eff_w = g.dil_w * (kernel_w - 1) + 1;

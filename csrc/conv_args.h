@@ -13,8 +13,14 @@
 
 namespace sparks {
 
+// At most this many terms (C_in/groups x kh x kw) per output: the kernels' int32 sums, and twice
+// them, must not overflow. Larger layers are refused with a ValueError.
+constexpr int64_t kMaxTerms = (int64_t{1} << 30) - 1;
+
 // Checks conv2d's arguments (codebook (n, kh, kw); indices (C_out, C_in/groups)) and
-// returns the geometry. Throws c10::ValueError naming the offending argument.
+// returns the geometry. Throws c10::ValueError naming the offending argument. Every size derived
+// from the arguments (dilated kernel extent, padded input size, output element count) is checked
+// to fit int64, so kernels can compute with them unchecked.
 ConvGeometry check_codebook_conv2d_args(
     const at::Tensor& input, const at::Tensor& codebook, const at::Tensor& indices,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,

@@ -22,13 +22,16 @@ def _pair(value: IntOrPair, name: str) -> list[int]:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
-        return [value, value]
-    try:
-        items = list(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        items = [value, value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if not all(-2 ** 63 <= v < 2 ** 63 for v in items):  # the op takes int64
+        raise ValueError(f"{name} must fit int64, got {value!r}")
     return items
 
 
@@ -177,9 +180,22 @@ def _output_like(input, out_channels, kh, kw, stride, padding, dilation):
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
+def _check_same_device(input, error=RuntimeError, **tensors):
+    """The device rule of the C++ kernels, for meta tensors: a meta input with CPU weights (or
+    the reverse) dispatches here, not to a kernel that would refuse it. Raises ``error`` (the
+    C++ checks' type: RuntimeError for the weights, scale and bias, ValueError for the fused
+    arguments)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise error(f"{name} must be on the input's device {input.device}, got {t.device}")
+
+
 @torch.library.register_fake("sparks::conv2d")
 def _conv2d_fake(input, codebook, indices, scale, bias, stride, padding, dilation, groups, pad_value,
                  threshold=None, residual=None, prelu_weight=None, post_bias=None):
+    _check_same_device(input, codebook=codebook, indices=indices, scale=scale, bias=bias)
+    _check_same_device(input, ValueError, threshold=threshold, residual=residual,
+                       prelu_weight=prelu_weight, post_bias=post_bias)
     torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
     torch._check(codebook.dim() == 3, lambda: f"codebook must be 3-D, got {codebook.dim()}-D")
     torch._check(indices.dim() == 2, lambda: f"indices must be 2-D, got {indices.dim()}-D")
@@ -190,6 +206,9 @@ def _conv2d_fake(input, codebook, indices, scale, bias, stride, padding, dilatio
 @torch.library.register_fake("sparks::binary_conv2d")
 def _binary_conv2d_fake(input, weight, scale, bias, stride, padding, dilation, groups, pad_value,
                         threshold=None, residual=None, prelu_weight=None, post_bias=None):
+    _check_same_device(input, weight=weight, scale=scale, bias=bias)
+    _check_same_device(input, ValueError, threshold=threshold, residual=residual,
+                       prelu_weight=prelu_weight, post_bias=post_bias)
     torch._check(input.dim() == 4, lambda: f"input must be 4-D, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"weight must be 4-D, got {weight.dim()}-D")
     return _output_like(input, weight.shape[0], weight.shape[2], weight.shape[3],

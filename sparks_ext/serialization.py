@@ -24,17 +24,31 @@ built only from ``torch.nn`` and ``sparks_ext`` layers, a description of the arc
 that ``load(path)`` can rebuild it; otherwise pass the architecture: ``load(path, model)``.
 Loading parses JSON and bytes only and never runs code named by the file: classes are looked
 up by name in ``torch.nn``, ``sparks_ext.nn`` and ``sparks_ext.models`` only. A truncated,
-corrupted or mismatched file raises ``ValueError`` saying what is wrong.
+corrupted or mismatched file raises ``ValueError`` saying what is wrong, and loading a file
+costs memory in proportion to the file: the decompressed header is bounded (16 MiB), every
+tensor entry is checked against the payload before anything is decoded, and an architecture is
+built on the meta device (no allocation, no random initialisation) and checked against the
+file's tensors before the tensors are decoded into it. Codebook entries must be -1, 0 or +1 and
+indices must name a codeword of their codebook, or the file is refused.
+
+Integrity: the CRC32 guards against accidents (a truncated download, a flipped bit), not against
+tampering; whoever edits a file can recompute it. The header also records the SHA-256 of the
+payload (``payload_sha256``): ``load(path, sha256=True)`` verifies it (again only against
+accidents), and ``load(path, sha256=<hex digest>)`` checks the payload against a digest you
+obtained from a source you trust, which detects a changed payload. The header is covered by the
+CRC only; to protect the whole file, compare its own digest (``sha256sum``) with a trusted one.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import inspect
 import json
 import math
 import os
 import struct
 import zlib
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -54,6 +68,14 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int16, torch.int8, torch.uint8, torch.bool)}
 
 PathLike = Union[str, os.PathLike]
+
+# Loading limits: what a well-formed file never exceeds.
+_MAX_HEADER_BYTES = 16 << 20  # decompressed JSON (about 150,000 tensor entries)
+_MAX_DEPTH = 64               # nesting of the architecture description
+_MAX_DIMS = 64                # dimensions of a tensor
+_MAX_NUMEL = 2 ** 62          # elements of a tensor (torch counts them in int64)
+_MAX_CODEWORDS = 2 ** 32      # an index takes at most 32 bits
+_ENCODINGS = ("raw", "index", "bits", "pm1", "ternary")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +124,8 @@ def _decode(name: str, blob: bytes, encoding: str, dtype: torch.dtype, shape: tu
             n: Optional[int]) -> torch.Tensor:
     numel = math.prod(shape)
     raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    if encoding == "raw" and dtype == torch.bool:  # any nonzero byte is True, as a stored 1
+        return (raw != 0).reshape(shape)
     if encoding == "raw":
         return raw.view(dtype).reshape(shape).clone()
     if encoding == "index":
@@ -142,12 +166,16 @@ def _class_name(module: nn.Module) -> Optional[str]:
     return None
 
 
+class _NotAllowed(ValueError):
+    """A class outside the allow-list: reported as it is, not as a failed rebuild."""
+
+
 def _resolve(name: str) -> type:
     prefix, _, cls_name = name.rpartition(".")
     space = _namespaces().get(prefix)
     cls = getattr(space, cls_name, None) if space is not None else None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"the file's architecture names {name!r}, which is not a layer of "
+        raise _NotAllowed(f"the file's architecture names {name!r}, which is not a layer of "
                          f"torch.nn, sparks_ext.nn or sparks_ext.models; pass model= to load into")
     return cls
 
@@ -207,15 +235,68 @@ def _signature(state: dict) -> dict:
 
 
 def _architecture(model: nn.Module, state: dict) -> Optional[dict]:
-    """The description of ``model``, kept only if rebuilding it gives the same state layout."""
+    """The description of ``model``, kept only if rebuilding it (on the meta device, as
+    :func:`load` does) gives the same state layout."""
     spec = _describe(model)
     if spec is None:
         return None
     try:
-        rebuilt = _build(json.loads(json.dumps(spec)))
+        with torch.device("meta"):
+            rebuilt = _build(json.loads(json.dumps(spec)))
     except Exception:
         return None
     return spec if _signature(rebuilt.state_dict()) == _signature(state) else None
+
+
+def _check_spec(spec, where: str, depth: int = 0) -> None:
+    """The architecture description's shape, before any class is looked up: a tree of
+    {"class": str, "children": [[name, spec], ...]} and {"class": str, "config": {str: value}}
+    nodes, values JSON scalars or lists of them, at most _MAX_DEPTH deep."""
+    bad = f"{where} is corrupted: cannot rebuild its architecture (malformed architecture)"
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{bad}: nested deeper than {_MAX_DEPTH}")
+    if not (isinstance(spec, dict) and isinstance(spec.get("class"), str)
+            and ("children" in spec) != ("config" in spec) and len(spec) == 2):
+        raise ValueError(f"{bad}: a node must be {{'class': name, 'children' or 'config': ...}}")
+    if "children" in spec:
+        children = spec["children"]
+        if not (isinstance(children, list)
+                and all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children)):
+            raise ValueError(f"{bad}: 'children' must be a list of [name, node] pairs")
+        for _, child in children:
+            _check_spec(child, where, depth + 1)
+        return
+    config = spec["config"]
+    scalar = (bool, int, float, str, type(None))
+    if not (isinstance(config, dict) and all(
+            isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(i, scalar) for i in v))
+            for v in config.values())):
+        raise ValueError(f"{bad}: 'config' must map argument names to JSON scalars or lists")
+
+
+def _build_on_meta(spec, where: str) -> nn.Module:
+    """The architecture on the meta device: no memory and no random initialisation, whatever the
+    sizes the file names; a constructor's own error becomes a ValueError."""
+    _check_spec(spec, where)
+    try:
+        with torch.device("meta"):
+            return _build(spec)
+    except _NotAllowed:
+        raise
+    except Exception as e:  # the constructors' own checks: TypeError, ValueError, RuntimeError...
+        raise ValueError(f"{where} is corrupted: cannot rebuild its architecture "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _materialise(model: nn.Module, spec: dict, state: dict) -> nn.Module:
+    """The meta-built ``model`` holding ``state``'s tensors. A module with tensors that are not
+    in the state dict (non-persistent buffers a constructor computes) is built for real instead:
+    by now the file's tensors are known to match it, so its size is the file's."""
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model = _build(spec)
+        model.load_state_dict(state, strict=True)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +317,11 @@ def save(model: nn.Module, path: PathLike) -> int:
         blob = _encode(t, encoding, n)
         entries.append([name, encoding, str(t.dtype).removeprefix("torch."), list(t.shape), len(blob), n])
         blobs.append(blob)
-    header = {"format": "sparks_ext", "version": VERSION, "model": type(model).__name__,
-              "architecture": _architecture(model, state), "tensors": entries}
-    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     payload = b"".join(blobs)
+    header = {"format": "sparks_ext", "version": VERSION, "model": type(model).__name__,
+              "architecture": _architecture(model, state), "tensors": entries,
+              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), len(payload)) + header_bytes + payload
     data = body + _CRC.pack(zlib.crc32(body))
     with open(path, "wb") as f:
@@ -270,13 +352,30 @@ def _read(path: PathLike) -> tuple[dict, bytes, int]:
     if zlib.crc32(data[: expected - _CRC.size]) != crc:
         raise ValueError(f"{where} is corrupted: checksum mismatch")
     start = _PREAMBLE.size
-    try:
-        header = json.loads(zlib.decompress(data[start: start + header_len]))
-    except (zlib.error, ValueError) as e:
-        raise ValueError(f"{where} is corrupted: unreadable header ({e})") from None
+    header = _parse_header(data[start: start + header_len], where)
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise ValueError(f"{where} is corrupted: the header lists no tensors")
     return header, data[start + header_len: start + header_len + payload_len], header_len
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a file may hold")
+
+
+def _parse_header(compressed: bytes, where: str):
+    """The header's JSON, decompressed to at most _MAX_HEADER_BYTES (a zlib bomb stops there)."""
+    try:
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(compressed, _MAX_HEADER_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"its header inflates past {_MAX_HEADER_BYTES} bytes")
+        if not inflater.eof:
+            raise ValueError("its compressed header is incomplete")
+        return json.loads(text, parse_constant=_no_constant)
+    except (zlib.error, ValueError) as e:  # json's errors and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{where} is corrupted: unreadable header ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where} is corrupted: unreadable header (nested too deeply)") from None
 
 
 def read_header(path: PathLike) -> dict:
@@ -286,65 +385,157 @@ def read_header(path: PathLike) -> dict:
     return {**header, "header_bytes": header_len}
 
 
-def _tensors(header: dict, payload: bytes, where: str) -> dict:
-    state, offset = {}, 0
+class _Entry(NamedTuple):
+    name: str
+    encoding: str
+    dtype: torch.dtype
+    shape: tuple
+    offset: int
+    nbytes: int
+    n: Optional[int]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entries(header: dict, payload_len: int, where: str) -> list:
+    """The header's tensor list, every field checked (types, ranges, unique names, byte counts
+    that tile the payload exactly) before anything is allocated."""
+    entries, offset = {}, 0
     for entry in header["tensors"]:
-        try:
-            name, encoding, dtype_name, shape, nbytes, n = entry
-            dtype, shape = _DTYPES[dtype_name], tuple(int(s) for s in shape)
-            if encoding not in ("raw", "index", "bits", "pm1", "ternary"):
-                raise KeyError(encoding)
-            if encoding == "index" and not (isinstance(n, int) and n >= 1):
-                raise KeyError(n)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where} is corrupted: bad tensor entry {entry!r}") from None
-        if nbytes != _expected_nbytes(encoding, dtype, math.prod(shape), n) or offset + nbytes > len(payload):
+        what = repr(entry)
+        bad = f"{where} is corrupted: bad tensor entry {what[:200]}"
+        if not (isinstance(entry, list) and len(entry) == 6):
+            raise ValueError(f"{bad}: not a list of 6 fields")
+        name, encoding, dtype_name, shape, nbytes, n = entry
+        if not isinstance(name, str):
+            raise ValueError(f"{bad}: the name is not a string")
+        if name in entries:
+            raise ValueError(f"{where} is corrupted: tensor {name!r} is listed twice")
+        if not (isinstance(encoding, str) and encoding in _ENCODINGS):
+            raise ValueError(f"{bad}: unknown encoding")
+        if not (isinstance(dtype_name, str) and dtype_name in _DTYPES):
+            raise ValueError(f"{bad}: unknown dtype")
+        dtype = _DTYPES[dtype_name]
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(_is_int(d) and d >= 0 for d in shape)
+                and math.prod(d for d in shape if d) <= _MAX_NUMEL):
+            raise ValueError(f"{bad}: the shape must be at most {_MAX_DIMS} non-negative ints "
+                             f"of at most 2^62 elements")
+        if not _is_int(nbytes):
+            raise ValueError(f"{bad}: the byte count is not an int")
+        if encoding == "index":
+            if not (_is_int(n) and 1 <= n <= _MAX_CODEWORDS):
+                raise ValueError(f"{bad}: an index entry needs a codebook size in [1, 2^32]")
+            if dtype.is_floating_point or dtype == torch.bool:
+                raise ValueError(f"{bad}: indices must have an integer dtype")
+        elif n is not None:
+            raise ValueError(f"{bad}: only index entries have a codebook size")
+        shape = tuple(shape)
+        if (nbytes != _expected_nbytes(encoding, dtype, math.prod(shape), n)
+                or offset + nbytes > payload_len):
             raise ValueError(f"{where} is corrupted: tensor {name!r} has a wrong byte count")
-        state[name] = _decode(name, payload[offset: offset + nbytes], encoding, dtype, shape, n)
+        entries[name] = _Entry(name, encoding, dtype, shape, offset, nbytes, n)
         offset += nbytes
-    if offset != len(payload):
-        raise ValueError(f"{where} is corrupted: {len(payload) - offset} payload bytes belong to no tensor")
+    if offset != payload_len:
+        raise ValueError(f"{where} is corrupted: {payload_len - offset} payload bytes belong to no tensor")
+    return list(entries.values())
+
+
+def _decode_all(entries: list, payload: bytes, where: str) -> dict:
+    state = {e.name: _decode(e.name, payload[e.offset: e.offset + e.nbytes], e.encoding, e.dtype,
+                             e.shape, e.n) for e in entries}
+    _check_values(state, where)
     return state
 
 
-def _check_match(state: dict, target: dict, where: str) -> None:
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
+def _check_values(state: dict, where: str) -> None:
+    """What the ops would refuse at the first forward, refused at load time instead: codebook
+    entries outside {-1, 0, +1} and indices that name no codeword of their codebook."""
+    for name, t in state.items():
+        if name == "codebook" or name.endswith(".codebook"):
+            v = t.double()  # in its own dtype, uint8 would compare 255 equal to -1
+            if t.dtype == torch.bool or not ((v == 0) | (v == 1) | (v == -1)).all():
+                raise ValueError(f"{where} is corrupted: tensor {name!r} has entries outside "
+                                 f"{{-1, 0, +1}}")
+            indices = state.get(name[: len(name) - len("codebook")] + "indices")
+            if indices is None:
+                continue
+            n = t.shape[0] if t.dim() else 0
+            if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+                raise ValueError(f"{where} is corrupted: tensor {name[:-8] + 'indices'!r} is not "
+                                 f"an integer tensor")
+            if indices.numel() and (indices.min() < 0 or indices.max() >= n):
+                raise ValueError(f"{where} is corrupted: tensor {name[:-8] + 'indices'!r} has "
+                                 f"indices outside [0, {n}), the codewords of {name!r}")
+
+
+def _check_match(entries: list, target: dict, where: str) -> None:
+    """The file's tensor list against the model's state dict (shapes and dtypes only)."""
+    stored = {e.name: e for e in entries}
+    missing = [k for k in target if k not in stored]
+    unexpected = [k for k in stored if k not in target]
     if missing or unexpected:
         raise ValueError(f"{where} does not match the model: missing tensors {missing}, "
                          f"unexpected tensors {unexpected}")
     for k, t in target.items():
-        if state[k].shape != t.shape or state[k].dtype != t.dtype:
+        if stored[k].shape != tuple(t.shape) or stored[k].dtype != t.dtype:
             raise ValueError(f"{where} does not match the model: tensor {k!r} is "
-                             f"{tuple(state[k].shape)} {state[k].dtype} in the file, "
+                             f"{stored[k].shape} {stored[k].dtype} in the file, "
                              f"{tuple(t.shape)} {t.dtype} in the model")
 
 
-def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
-    """Reads a file written by :func:`save`.
+def _check_sha256(header: dict, payload: bytes, sha256, where: str) -> None:
+    if sha256 is True:
+        expected = header.get("payload_sha256")
+        if not isinstance(expected, str):
+            raise ValueError(f"{where} records no payload SHA-256 to verify")
+    elif isinstance(sha256, str) and len(sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha256):
+        expected = sha256
+    else:
+        raise ValueError(f"sha256 must be True or a hex SHA-256 digest (64 characters), got {sha256!r}")
+    digest = hashlib.sha256(payload).hexdigest()
+    if not hmac.compare_digest(digest, expected.lower()):
+        raise ValueError(f"{where} fails its SHA-256 check: the payload's digest is {digest}, "
+                         f"expected {expected.lower()}")
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None, *,
+         sha256: Union[bool, str, None] = None) -> nn.Module:
+    """Reads a file written by :func:`save` and returns the model in eval mode (the file holds an
+    inference model: BatchNorm uses its stored statistics; call ``.train()`` to fine-tune).
 
     With ``model`` (the architecture, trained or not), loads into it, converting it in place
     first if it holds trainable layers, and returns it; tensors keep the model's devices. Without
     it, rebuilds the architecture recorded in the file (models made of ``torch.nn`` and
-    ``sparks_ext`` layers) on the CPU, in eval mode.
+    ``sparks_ext`` layers) on the CPU.
+
+    ``sha256=True`` verifies the payload against the SHA-256 recorded in the file;
+    ``sha256="<hex>"`` against a digest from a source you trust (see the module's notes on
+    integrity). Every malformed file raises ``ValueError``.
     """
     where = f"{os.fspath(path)!r}"
     header, payload, _ = _read(path)
-    state = _tensors(header, payload, where)
+    if sha256 is not None and sha256 is not False:
+        _check_sha256(header, payload, sha256, where)
+    entries = _entries(header, len(payload), where)
+    spec = None
     if model is None:
         spec = header.get("architecture")
         if spec is None:
-            raise ValueError(f"{where} holds a {header.get('model')} that the file cannot rebuild "
-                             f"(a forward of its own, or constructor arguments not kept as "
+            raise ValueError(f"{where} holds a {str(header.get('model'))[:100]} that the file cannot "
+                             f"rebuild (a forward of its own, or constructor arguments not kept as "
                              f"attributes); pass model= to load into it")
-        try:
-            model = _build(spec).eval()
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{where} is corrupted: cannot rebuild its architecture ({e})") from None
+        model = _build_on_meta(spec, where)
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     elif any(is_trainable_layer(m) for m in model.modules()):
         model = convert(model, inplace=True)
-    _check_match(state, model.state_dict(), where)
-    model.load_state_dict(state, strict=True)
-    return model
+    _check_match(entries, model.state_dict(), where)
+    state = _decode_all(entries, payload, where)
+    if spec is not None:
+        model = _materialise(model, spec, state)
+    else:
+        model.load_state_dict(state, strict=True)
+    return model.eval()

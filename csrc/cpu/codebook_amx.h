@@ -13,9 +13,11 @@ namespace sparks {
 namespace cpu {
 
 // The decode permutes a 64-entry table per tap, so n <= 64 codewords. Any kernel size, stride,
-// dilation, groups and padding.
+// dilation and groups; padding small enough to materialise in the int8 image
+// (padded_image_bounded, 4 channels per byte group rounded up).
 inline bool amx_kernel_applies(const ConvGeometry& g, int64_t n) {
-  return n <= 64 && g.in_per_group() > 0;
+  return n <= 64 && g.in_per_group() > 0 &&
+         padded_image_bounded(g, (g.in_per_group() + 3) / 4 * 4);
 }
 
 // Whether the tile kernel is the faster choice (SPARKS_CPU_KERNEL=auto): its 16 x 64 x 16 tiles

@@ -41,6 +41,9 @@ at::Tensor build_lut(const PackedCodebook& cb, int64_t taps) {
 }
 
 
+// Border scratch per thread that a tile may need before it is cut to fewer positions.
+constexpr int64_t kScratchBudget = int64_t{64} << 20;
+
 }  // namespace
 
 void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
@@ -76,6 +79,19 @@ void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, con
   if (per_image * tiles * co_split < want_items) {
     tile = std::max<int64_t>(1, (per_image * positions + want_items - 1) / want_items);
     tiles = (positions + tile - 1) / tile;
+  }
+  if (zero_pad) {
+    // The border scratch rows must stay addressable by uint32 offsets, and a very wide layer's
+    // (C_in/groups rows per position) should not take gigabytes per thread: a tile of fewer
+    // positions only costs index reuse, on layers far wider than any real one.
+    const int64_t row_bytes = cin_g * kLutRow;
+    const int64_t addressable = (kMaxLutOffsetBytes - lut_bytes) / row_bytes;
+    TORCH_INTERNAL_ASSERT(addressable >= 1, "lut_kernel_applies admits only fitting offsets");
+    const int64_t max_tile = std::min(addressable, std::max<int64_t>(1, kScratchBudget / row_bytes));
+    if (tile > max_tile) {
+      tile = max_tile;
+      tiles = (positions + tile - 1) / tile;
+    }
   }
   const int64_t scratch_rows = zero_pad ? tile * cin_g : 0;
   const int32_t bias = static_cast<int32_t>(cin_g * taps);
@@ -120,6 +136,9 @@ void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, con
         }
       }
     }
+    // A wide layer's border scratch (C_in/groups rows per tile position) can reach gigabytes:
+    // keep at most Workspace::kKeptBytes per thread after the call.
+    rows_space.trim();
   });
 }
 

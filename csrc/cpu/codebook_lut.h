@@ -29,10 +29,25 @@ constexpr int64_t kMaxLutTaps = 10;   // 2^10 rows x 64 bytes = 64 KiB
 constexpr int64_t kMaxLutCodewords = 64;
 constexpr int64_t kLutRow = 64;       // bytes per LUT row
 
+// The kernel addresses its LUT copy and the border scratch rows behind it with uint32 byte
+// offsets from one base (a 4-byte load per term, half the traffic of 64-bit ones). The scratch
+// holds C_in/groups rows per position of a tile (zero padding only), so the offsets fit uint32
+// for a tile of at least one position iff C_in/groups is at most this (about 67.1 M); the
+// driver shrinks its tile to fit below 2^32.
+constexpr int64_t kMaxLutOffsetBytes = int64_t{1} << 32;
+inline bool lut_offsets_fit(const ConvGeometry& g) {
+  const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
+  return !border_rows ||
+         (int64_t{1} << g.taps()) * kLutRow + g.in_per_group() * kLutRow <= kMaxLutOffsetBytes;
+}
+
 // Needs at least one input channel per group (its tiling divides by C_in/groups); with none the
-// result is the empty sum, which the portable kernel writes.
+// result is the empty sum, which the portable kernel writes. Offsets must fit uint32
+// (lut_offsets_fit), and padding must be small enough to materialise (padded_image_bounded): the
+// portable kernel computes every other case.
 inline bool lut_kernel_applies(const ConvGeometry& g, int64_t n) {
-  return g.taps() <= kMaxLutTaps && n <= kMaxLutCodewords && g.in_per_group() > 0;
+  return g.taps() <= kMaxLutTaps && n <= kMaxLutCodewords && g.in_per_group() > 0 &&
+         lut_offsets_fit(g) && padded_image_bounded(g, (g.in_per_group() + 63) / 64 * 8);
 }
 
 // One ISA's inner loops.

@@ -128,6 +128,10 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
     tile = std::max<int64_t>(1, (per_image * positions + want_items - 1) / want_items);
     tiles = (positions + tile - 1) / tile;
   }
+  if (zero_pad) {  // the uint32 offsets address the LUT and the tile's scratch (lut_applies)
+    tile = std::max<int64_t>(1, std::min(tile, (kMaxLutOffsetBytes - lut_bytes) / (cin_g * kLutRowBytes)));
+    tiles = (positions + tile - 1) / tile;
+  }
   const int64_t scratch_rows = zero_pad ? tile * cin_g : 0;
   const int32_t bias = static_cast<int32_t>(cin_g * taps);
 

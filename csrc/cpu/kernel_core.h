@@ -76,8 +76,16 @@ constexpr int64_t kLutMaxTaps = 10;
 constexpr int64_t kLutMaxCodewords = 64;
 constexpr int64_t kLutRowBytes = 64;
 
+// The driver addresses its LUT copy and the border scratch rows behind it (C_in/groups rows per
+// position of a tile, zero padding only) with uint32 byte offsets; it shrinks its tile to fit, so
+// one position's rows must fit (C_in/groups up to about 67.1 M).
+constexpr int64_t kMaxLutOffsetBytes = int64_t{1} << 32;
+
 inline bool lut_applies(const ConvGeometry& g, int64_t n) {
-  return g.taps() <= kLutMaxTaps && n <= kLutMaxCodewords && g.in_per_group() > 0;
+  const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
+  return g.taps() <= kLutMaxTaps && n <= kLutMaxCodewords && g.in_per_group() > 0 &&
+         (!border_rows ||
+          ((int64_t{1} << g.taps()) + g.in_per_group()) * kLutRowBytes <= kMaxLutOffsetBytes);
 }
 
 // (1 << taps) rows of kLutRowBytes: row x, byte k = r_k(x) + taps for codeword k (sign / mask

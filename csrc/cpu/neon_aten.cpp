@@ -22,6 +22,7 @@ core::TileStore tile_store(const OutputTransform& writer) {
 // Binarized by ATen (x >= threshold[c], or >= 0; NaN is -1, like the reference) into
 // channels-last bytes, then packed 64 channels per NEON compare.
 core::PixelGrid pack_input(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g) {
+  check_padded_image_bounded(g);
   const at::Tensor bits = ge_threshold(input, threshold).contiguous(at::MemoryFormat::ChannelsLast);
   const core::InputBits view{reinterpret_cast<const uint8_t*>(bits.data_ptr<bool>()), bits.stride(0),
                              bits.stride(1), bits.stride(2), bits.stride(3)};

@@ -222,8 +222,34 @@ void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, in
 
 }  // namespace
 
+bool padded_image_bounded(const ConvGeometry& g, int64_t bytes_per_pixel) {
+  int64_t images = 0, padded = 0, plain = 0, limit = 0;
+  const int64_t hp = g.in_h + 2 * g.pad_h, wp = g.in_w + 2 * g.pad_w;  // fit: conv_args checks
+  if (__builtin_mul_overflow(g.batch, g.groups, &images) ||
+      __builtin_mul_overflow(images, bytes_per_pixel, &images))
+    return false;
+  if (__builtin_mul_overflow(images, hp, &padded) || __builtin_mul_overflow(padded, wp, &padded))
+    return false;
+  // The unpadded image is no larger than the padded one, so it fits too.
+  plain = images * g.in_h * g.in_w;
+  if (__builtin_mul_overflow(plain, int64_t{4}, &limit) ||
+      __builtin_add_overflow(limit, kPaddingSlackBytes, &limit))
+    return true;  // 4x the image already exceeds int64, which the padded size does not
+  return padded <= limit;
+}
+
+void check_padded_image_bounded(const ConvGeometry& g) {
+  const int64_t pixel_bytes = (g.in_per_group() + 63) / 64 * 8;
+  TORCH_CHECK_VALUE(padded_image_bounded(g, pixel_bytes), "padding [", g.pad_h, ", ", g.pad_w,
+                    "] is too large for the CPU kernels, which store the padded bit-packed input: ",
+                    g.batch, " x ", g.groups, " x (", g.in_h, " + 2 x ", g.pad_h, ") x (", g.in_w,
+                    " + 2 x ", g.pad_w, ") pixels x ", pixel_bytes,
+                    " bytes, more than 4x the unpadded input plus 1 GiB");
+}
+
 PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g, Isa isa,
                          const std::function<void(const PackedPixels&, int64_t, int64_t, int64_t)>& row_done) {
+  check_padded_image_bounded(g);
   PackedPixels px;
   px.groups = g.groups;
   px.hp = g.in_h + 2 * g.pad_h;
@@ -309,11 +335,13 @@ void pack_weight_row(const scalar_t* w, int64_t stride, int64_t cin, uint64_t* o
                      const at::Tensor& weight, int64_t co, int64_t t) {
   for (int64_t k = 0; k * 64 < cin; ++k) out[k] = 0;
   for (int64_t ci = 0; ci < cin; ++ci) {
-    const scalar_t v = w[ci * stride];
     bool plus;
     if constexpr (std::is_same_v<scalar_t, bool>) {
-      plus = v;
+      // Read as a byte: a bool tensor can hold any byte (a view of uint8 data), and loading a
+      // byte other than 0/1 as bool is undefined. Any nonzero byte is true, as torch reads it.
+      plus = reinterpret_cast<const uint8_t*>(w)[ci * stride] != 0;
     } else {
+      const scalar_t v = w[ci * stride];
       plus = v == scalar_t(1);
       TORCH_CHECK_VALUE(plus || v == scalar_t(-1), "weight entries must be -1 or +1 (or bool), got ",
                         static_cast<double>(v), " at weight[", co, ", ", ci, ", ", t / weight.size(3),

@@ -74,8 +74,20 @@ struct PackedPixels {
   }
 };
 
+// The fast kernels materialise the padded input (PackedPixels; the amx kernel's int8 image).
+// Padding far wider than any kernel reaches (10^9, say) would make that image enormous for a
+// tiny output, so it is bounded: with `bytes_per_pixel` bytes per pixel of one (image, group),
+// the padded image may take at most 4x the unpadded one plus kPaddingSlackBytes. False also when
+// a size overflows int64. conv2d then runs the portable kernel, which reads padding on the fly;
+// pack_pixels refuses (ValueError naming `padding`).
+constexpr int64_t kPaddingSlackBytes = int64_t{1} << 30;
+bool padded_image_bounded(const ConvGeometry& g, int64_t bytes_per_pixel);
+// ValueError naming `padding` unless padded_image_bounded(g, 8 bytes per 64 channels of a pixel).
+void check_padded_image_bounded(const ConvGeometry& g);
+
 // Binarizes (x >= threshold[c] is +1, threshold undefined: 0; NaN is -1, like the reference)
-// and packs `input` in any memory format and float dtype. Parallel over rows; `isa` only picks the instructions. If given,
+// and packs `input` in any memory format and float dtype. Needs padded_image_bounded(g, 8 * words).
+// Parallel over rows; `isa` only picks the instructions. If given,
 // `row_done(n, grp, h)` runs on the packing thread right after padded row h of (n, grp) is
 // complete, while it is still in cache.
 PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g, Isa isa,
