@@ -59,5 +59,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "expecttest", "hypothesis", "matplotlib"],
         "plot": ["matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
+        # benchmarks/bench_models.py: the int8 PT2E baseline (X86InductorQuantizer)
+        "bench": ["pytest-benchmark", "matplotlib", "torchao==0.18.*"],
     },
 )

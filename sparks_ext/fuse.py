@@ -441,6 +441,43 @@ def _clean(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _as_sequential(original: nn.Sequential, gm: fx.GraphModule) -> Optional[nn.Sequential]:
+    """``original`` with each layer replaced by its rewritten copy and each layer that was
+    folded away by ``nn.Identity``, if the fused graph is still a chain of its layers (it is
+    unless a residual was fused or a traced-through child kept some of its arithmetic)."""
+    previous, kept = None, set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            previous = node
+        elif node.op == "output":
+            if node.args[0] is not previous:
+                return None
+        elif node.op == "call_module" and node.args == (previous,) and not node.kwargs \
+                and node.target not in kept:
+            previous = node
+            kept.add(node.target)
+        else:
+            return None
+
+    def rebuild(module: nn.Module, prefix: str) -> Optional[nn.Module]:
+        if prefix.rstrip(".") in kept:
+            return gm.get_submodule(prefix.rstrip("."))
+        inside = [t for t in kept if t.startswith(prefix)]
+        if not inside:
+            return nn.Identity()
+        if type(module) is not nn.Sequential:
+            return None  # some of a traced-through child survives: not a layer any more
+        children = [(name, rebuild(child, f"{prefix}{name}.")) for name, child in module.named_children()]
+        if any(c is None for _, c in children):
+            return None
+        result = nn.Sequential()
+        for name, child in children:
+            result.add_module(name, child)
+        return result.train(module.training)
+
+    return rebuild(original, "")
+
+
 def _fuse_graph(module: nn.Module) -> Optional[nn.Module]:
     gm = _trace(module)
     if gm is None:
@@ -448,6 +485,10 @@ def _fuse_graph(module: nn.Module) -> Optional[nn.Module]:
     if not _Rewriter(gm).run():
         return module
     _clean(gm)
+    if type(module) is nn.Sequential:
+        sequential = _as_sequential(module, gm)
+        if sequential is not None:
+            return sequential
     return gm
 
 
@@ -455,9 +496,11 @@ def fuse(model: nn.Module) -> nn.Module:
     """The fused form of a converted model (see the module docstring for what is rewritten).
 
     The model is traced whole; where it cannot be (Python control flow on values), each child
-    is fused on its own. A model in which nothing was fused is returned as it is; otherwise the
-    result is a ``torch.fx.GraphModule`` holding the model's layers under their names. Modules
-    that are rewritten are copies: ``model`` itself is not changed.
+    is fused on its own. A model in which nothing was fused is returned as it is; an
+    ``nn.Sequential`` whose fused form is still a chain of its layers stays an ``nn.Sequential``
+    (folded layers become ``nn.Identity``, so indices keep their meaning); otherwise the result
+    is a ``torch.fx.GraphModule`` holding the model's layers under their names. Modules that are
+    rewritten are copies: ``model`` itself is not changed.
     """
     if is_fusable_conv(model) or next(model.children(), None) is None:
         return model

@@ -190,7 +190,11 @@ def _describe(module: nn.Module) -> Optional[dict]:
             return None
         return {"class": name, "children": children}
     config = _config(module)
-    return None if config is None else {"class": name, "config": config}
+    if config is None:
+        return None
+    spec = {"class": name, "config": config}
+    overrides = _tensor_overrides(module)
+    return {**spec, "tensors": overrides} if overrides else spec
 
 
 def _build(spec: dict) -> nn.Module:
@@ -203,7 +207,10 @@ def _build(spec: dict) -> nn.Module:
             model.add_module(name, _build(child))
         return model
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
-    return convert(cls(**config), inplace=True, fuse=False)
+    module = convert(cls(**config), inplace=True, fuse=False)
+    for name, tensor_spec in spec.get("tensors", {}).items():
+        _place(module, name, _empty_tensor(tensor_spec))
+    return module
 
 
 def _signature(state: dict) -> dict:
@@ -329,7 +336,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     """Reads a file written by :func:`save`.
 
     With ``model`` (the architecture, trained or not), loads into it, converting it in place
-    first if it holds trainable layers, and returns it; tensors keep the model's devices. Without
+    first if it holds trainable layers, as the saved model was (fused in eval mode and in the
+    deployed dtype, if it was), and returns it (the fused form, if so); tensors keep the model's
+    devices. Without
     it, rebuilds the architecture recorded in the file (models made of ``torch.nn`` and
     ``sparks_ext`` layers) on the CPU, in eval mode.
     """
@@ -381,7 +390,7 @@ def _graph_functions() -> dict:
         **{f"torch.{n}": getattr(torch, n) for n in (
             "add", "sub", "mul", "div", "neg", "flatten", "reshape", "cat", "stack", "relu",
             "sigmoid", "tanh", "sign", "where", "clamp", "mean", "sum", "squeeze", "unsqueeze",
-            "transpose", "permute", "matmul", "softmax", "hardtanh")},
+            "transpose", "permute", "matmul", "softmax")},
         **{f"torch.nn.functional.{n}": getattr(F, n) for n in (
             "relu", "relu6", "hardtanh", "prelu", "leaky_relu", "gelu", "silu", "sigmoid",
             "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "linear", "conv2d", "batch_norm",
@@ -452,8 +461,18 @@ def _tensor_spec(t: torch.Tensor) -> list:
     return [str(t.dtype).removeprefix("torch."), list(t.shape), channels_last, isinstance(t, nn.Parameter)]
 
 
-def _tensor_specs(module: nn.Module) -> dict:
-    return {name: _tensor_spec(t) for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+def _tensor_overrides(module: nn.Module) -> dict:
+    """The tensors of a layer that its constructor does not make as they are: the buffers a
+    fused conv gained (threshold, prelu_weight, post_bias), floating tensors of a deployed
+    dtype other than float32, channels_last weights. (A bias from a folded BatchNorm needs
+    none: ``bias=True`` is read back from the layer.)"""
+    from .nn.codebook import FUSED_BUFFERS
+    overrides = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        spec = _tensor_spec(t)
+        if name.rpartition(".")[2] in FUSED_BUFFERS or spec[2] or (t.is_floating_point() and t.dtype != torch.float32):
+            overrides[name] = spec
+    return overrides
 
 
 def _describe_graph(gm) -> Optional[dict]:
@@ -469,10 +488,9 @@ def _describe_graph(gm) -> Optional[dict]:
         elif node.op == "call_method" and target not in _GRAPH_METHODS:
             return None
         elif node.op == "call_module" and target not in modules:
-            spec = _describe(gm.get_submodule(target))
-            if spec is None:
+            modules[target] = _describe(gm.get_submodule(target))
+            if modules[target] is None:
                 return None
-            modules[target] = {"spec": spec, "tensors": _tensor_specs(gm.get_submodule(target))}
         elif node.op == "get_attr":
             value = gm
             for part in target.split("."):
@@ -523,11 +541,8 @@ def _build_graph(spec: dict) -> nn.Module:
     import torch.fx as fx
     functions = _graph_functions()
     root = nn.Module()
-    for target, entry in spec["modules"].items():
-        module = _build(entry["spec"])
-        for name, tensor_spec in entry["tensors"].items():
-            _place(module, name, _empty_tensor(tensor_spec))
-        _place(root, target, module)
+    for target, module_spec in spec["modules"].items():
+        _place(root, target, _build(module_spec))
     for target, tensor_spec in spec["attrs"].items():
         _place(root, target, _empty_tensor(tensor_spec))
     graph, nodes = fx.Graph(), {}
@@ -571,4 +586,7 @@ def _convert_like(model: nn.Module, options: Optional[dict]) -> nn.Module:
     (files written before they were recorded: unfused)."""
     options = options if isinstance(options, dict) else {}
     dtype = _DTYPES.get(options.get("dtype")) if options.get("dtype") is not None else None
-    return convert(model, inplace=True, fuse=options.get("fuse") is True, dtype=dtype)
+    fuse = options.get("fuse") is True
+    if fuse:
+        model.eval()  # the file holds an eval-mode fusion: BatchNorms folded with running stats
+    return convert(model, inplace=True, fuse=fuse, dtype=dtype)
