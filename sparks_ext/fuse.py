@@ -422,19 +422,20 @@ def _erase_unused(graph: fx.Graph, node) -> None:
 
 
 def _clean(gm: fx.GraphModule) -> None:
+    """Drops dead nodes, the modules no node calls any more, and the tensors no node reads.
+    Only fx's own containers (plain ``nn.Module``s holding what traced-through modules read)
+    lose attributes: the layers themselves are shared with the model that was traced."""
     gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
-        if name not in used and not any(name.startswith(n.target + ".") for n in gm.graph.nodes
-                                        if n.op == "call_module"):
+        if type(owner) is nn.Module and name not in used:
             delattr(owner, attr)
-    gm.delete_all_unused_submodules()
-    # Empty containers left by traced-through modules (an RSign whose threshold was folded).
     for name, module in sorted(gm.named_modules(), key=lambda item: -item[0].count(".")):
-        if name and type(module) is nn.Module and not any(True for _ in module.children()) \
-                and not module._parameters and not module._buffers:
+        if name and type(module) is nn.Module and not module._modules and not module._parameters \
+                and not module._buffers:
             parent, _, attr = name.rpartition(".")
             delattr(gm.get_submodule(parent) if parent else gm, attr)
     gm.graph.lint()
