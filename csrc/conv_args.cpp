@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 namespace sparks {
 namespace {
 
@@ -131,6 +133,48 @@ ConvGeometry check_binary_conv2d_args(
               input.device(), ", got ", weight.device());
   return check_common(input, weight.size(0), weight.size(1), weight.size(2), weight.size(3),
                       scale, bias, stride, padding, dilation, groups, pad_value, "weight");
+}
+
+namespace {
+
+// A fused argument in the input's dtype and on its device.
+void check_fused_tensor(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+                    input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), name, " must be on the input's device ",
+                    input.device(), ", got ", t.device());
+}
+
+at::Tensor checked_vector(const c10::optional<at::Tensor>& t, const char* name,
+                          const at::Tensor& input, int64_t size, const char* size_name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size_name,
+                    ",) = (", size, ",), got ", t->sizes());
+  check_fused_tensor(*t, name, input);
+  return *t;
+}
+
+}  // namespace
+
+FusedArgs check_fused_args(const at::Tensor& input, const ConvGeometry& g,
+                           const c10::optional<at::Tensor>& threshold,
+                           const c10::optional<at::Tensor>& residual,
+                           const c10::optional<at::Tensor>& prelu_weight,
+                           const c10::optional<at::Tensor>& post_bias) {
+  FusedArgs f;
+  f.threshold = checked_vector(threshold, "threshold", input, g.in_channels, "C_in");
+  f.prelu_weight = checked_vector(prelu_weight, "prelu_weight", input, g.out_channels, "C_out");
+  f.post_bias = checked_vector(post_bias, "post_bias", input, g.out_channels, "C_out");
+  if (residual.has_value() && residual->defined()) {
+    const at::Tensor& r = *residual;
+    const std::vector<int64_t> want = {g.batch, g.out_channels, g.out_h, g.out_w};
+    TORCH_CHECK_VALUE(r.dim() == 4 && r.sizes() == at::IntArrayRef(want),
+                      "residual must have the output's shape (N, C_out, H_out, W_out) = ",
+                      at::IntArrayRef(want), ", got ", r.sizes());
+    check_fused_tensor(r, "residual", input);
+    f.residual = r;
+  }
+  return f;
 }
 
 at::Tensor allocate_output(const at::Tensor& input, const ConvGeometry& g) {

@@ -44,6 +44,23 @@ ConvGeometry check_binary_conv2d_args(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, double pad_value);
 
+// The optional fused arguments of both ops (see sparks_ext/ops.py for their semantics), as
+// checked tensors; an absent argument is an undefined tensor.
+struct FusedArgs {
+  at::Tensor threshold;     // (C_in,): binarize input >= threshold[c] instead of input >= 0
+  at::Tensor residual;      // (N, C_out, H_out, W_out), any strides
+  at::Tensor prelu_weight;  // (C_out,)
+  at::Tensor post_bias;     // (C_out,)
+};
+
+// Checks the fused arguments against the input and the geometry (ValueError naming the
+// argument for a wrong rank, shape, dtype or device).
+FusedArgs check_fused_args(const at::Tensor& input, const ConvGeometry& g,
+                           const c10::optional<at::Tensor>& threshold,
+                           const c10::optional<at::Tensor>& residual,
+                           const c10::optional<at::Tensor>& prelu_weight,
+                           const c10::optional<at::Tensor>& post_bias);
+
 // The output tensor: input's dtype and device, channels_last iff the input is
 // channels_last (and not also plainly contiguous), else contiguous NCHW.
 at::Tensor allocate_output(const at::Tensor& input, const ConvGeometry& g);

@@ -23,6 +23,7 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
+#include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
@@ -33,7 +34,7 @@ struct BinaryProblem {
   const PackedPixels& px;
   const uint64_t* weight;  // (C_out, taps, words)
   const ConvGeometry& g;
-  const TileWriter& out;
+  const OutputTransform& out;
   int64_t taps() const { return g.taps(); }
 };
 
@@ -187,16 +188,20 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                              const c10::optional<at::Tensor>& scale,
                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                             double pad_value) {
+                             double pad_value, const c10::optional<at::Tensor>& threshold,
+                             const c10::optional<at::Tensor>& residual,
+                             const c10::optional<at::Tensor>& prelu_weight,
+                             const c10::optional<at::Tensor>& post_bias) {
   const ConvGeometry g = check_binary_conv2d_args(input, weight, scale, bias, stride, padding,
                                                   dilation, groups, pad_value);
+  const FusedArgs fused = check_fused_args(input, g, threshold, residual, prelu_weight, post_bias);
   const Isa isa = selected_isa();
   const at::Tensor packed_weight = pack_weight_channels(weight, isa);
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
-  const PackedPixels px = pack_pixels(input, g, isa);
-  const TileWriter writer(output, scale, bias, g, isa);
+  const PackedPixels px = pack_pixels(input, fused.threshold, g, isa);
+  const OutputTransform writer(output, scale, bias, fused, g, isa);
   const BinaryProblem bp{px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,
                          writer};
   switch (isa) {

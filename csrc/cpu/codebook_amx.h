@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "../conv_args.h"
+#include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
@@ -26,8 +27,9 @@ inline bool amx_kernel_pays(const ConvGeometry& g) {
 
 // Runs the tile kernel; the caller has checked that the amx family is available and
 // amx_kernel_applies.
-void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                       const ConvGeometry& g, const TileWriter& writer);
+void codebook_conv_amx(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
+                       const at::Tensor& indices, const ConvGeometry& g,
+                       const OutputTransform& writer);
 
 }  // namespace cpu
 }  // namespace sparks

@@ -11,7 +11,7 @@
 // (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
 // patch once with XOR + popcount, then let every output channel gather and sum, over its
 // C_in/groups input channels, the response named by its index. Integer accumulation; the
-// per-channel scale and bias are applied once at the end.
+// output transform (output_transform.h) is applied once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +23,7 @@
 #include "codebook_amx.h"
 #include "codebook_lut.h"
 #include "cpu_features.h"
+#include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
@@ -34,10 +35,9 @@ namespace {
 // gathers from it.
 constexpr int64_t kTile = 8;
 
-template <typename scalar_t>
 void codebook_conv_portable(const at::Tensor& bits, const PackedCodebook& cb,
                             const at::Tensor& indices, const ConvGeometry& g,
-                            const Epilogue<scalar_t>& epilogue) {
+                            const OutputTransform& writer) {
   const int64_t cin_g = g.in_per_group(), cout_g = g.out_per_group(), n_cw = cb.size();
   const uint8_t* bits_ptr = bits.data_ptr<uint8_t>();
   const int32_t* idx_ptr = indices.data_ptr<int32_t>();
@@ -47,6 +47,7 @@ void codebook_conv_portable(const at::Tensor& bits, const PackedCodebook& cb,
   at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> patch(cin_g * g.out_w), valid(g.out_w);
     std::vector<int16_t> base(kTile * n_cw), resp(kTile * cin_g * n_cw);
+    std::vector<int32_t> sums(kTile * cout_g);  // (position, output channel) of one tile
     for (int64_t item = begin; item < end; ++item) {
       const int64_t oh = item % g.out_h;
       const int64_t grp = (item / g.out_h) % g.groups;
@@ -80,9 +81,10 @@ void codebook_conv_portable(const at::Tensor& bits, const PackedCodebook& cb,
             const int16_t* r = resp.data() + t * cin_g * n_cw;
             int32_t acc = 0;
             for (int64_t ci = 0; ci < cin_g; ++ci) acc += r[ci * n_cw + idx[ci]];
-            epilogue.store(acc, n, grp * cout_g + co, oh, ow0 + t);
+            sums[t * cout_g + co] = acc;
           }
         }
+        writer.store(sums.data(), cout_g, n, oh * g.out_w + ow0, tile, grp * cout_g, cout_g);
       }
     }
   });
@@ -92,30 +94,30 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
                       const at::Tensor& indices, const c10::optional<at::Tensor>& scale,
                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      double pad_value) {
+                      double pad_value, const c10::optional<at::Tensor>& threshold,
+                      const c10::optional<at::Tensor>& residual,
+                      const c10::optional<at::Tensor>& prelu_weight,
+                      const c10::optional<at::Tensor>& post_bias) {
   const ConvGeometry g = check_codebook_conv2d_args(input, codebook, indices, scale, bias, stride,
                                                     padding, dilation, groups, pad_value);
+  const FusedArgs fused = check_fused_args(input, g, threshold, residual, prelu_weight, post_bias);
   const Isa isa = selected_isa();
   const PackedCodebook cb = pack_codebook(codebook);
   check_index_range(indices, cb.size());
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
+  const OutputTransform writer(output, scale, bias, fused, g, isa);
   if (isa == Isa::kAmx && amx_kernel_applies(g, cb.size()) && (isa_forced() || amx_kernel_pays(g))) {
-    codebook_conv_amx(input, cb, indices, g, TileWriter(output, scale, bias, g, isa));
+    codebook_conv_amx(input, fused.threshold, cb, indices, g, writer);
     return output;
   }
   if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_lut(input, cb, indices, g, TileWriter(output, scale, bias, g, isa), isa);
+    codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa);
     return output;
   }
   const at::Tensor idx = indices.to(at::kInt).contiguous();
-  const at::Tensor bits = binarize_input(input);
-  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_conv2d", [&] {
-    codebook_conv_portable<scalar_t>(bits, cb, idx, g, Epilogue<scalar_t>(output, scale_c, bias_c));
-  });
+  codebook_conv_portable(binarize_input(input, fused.threshold), cb, idx, g, writer);
   return output;
 }
 

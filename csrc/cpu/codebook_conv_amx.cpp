@@ -135,12 +135,12 @@ SPARKS_TARGET_AMX void expand_row(const PackedPixels& px, const ConvGeometry& g,
 
 // Row h of the padded int8 image straight from float32 input whose channels are contiguous
 // (channels_last): `row` points at input pixel (h - pad_h, 0), channel grp * C_in/groups, and is
-// only read for rows and columns inside the image (null for padding rows). Padding rows and
-// columns hold the pad value (0, or +-1 on the channels).
-SPARKS_TARGET_AMX void binarize_row(const float* row, int64_t s_w, const ConvGeometry& g,
-                                    const Plan& p, int64_t h, uint8_t* out) {
+// only read for rows and columns inside the image (null for padding rows); `thr` holds the
+// thresholds of those channels (+1 where x >= thr). Padding rows and columns hold the pad value
+// (0, or +-1 on the channels).
+SPARKS_TARGET_AMX void binarize_row(const float* row, int64_t s_w, const float* thr,
+                                    const ConvGeometry& g, const Plan& p, int64_t h, uint8_t* out) {
   const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
-  const __m512 zero = _mm512_setzero_ps();
   const int64_t chunks = (p.cp + 63) / 64, wp = g.in_w + 2 * g.pad_w;
   const int8_t pad = g.pad_value > 0 ? 1 : g.pad_value < 0 ? -1 : 0;
   const bool pad_row = h < g.pad_h || h >= g.pad_h + g.in_h;
@@ -157,7 +157,9 @@ SPARKS_TARGET_AMX void binarize_row(const float* row, int64_t s_w, const ConvGeo
         uint64_t bits = 0;
         for (int64_t c = 0; c < count; c += 16) {
           const __mmask16 m = static_cast<__mmask16>(low_bits(std::min<int64_t>(16, count - c)));
-          bits |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, px + c), zero, _CMP_GE_OQ)} << c;
+          bits |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, px + c),
+                                                   _mm512_maskz_loadu_ps(m, thr + 64 * k + c), _CMP_GE_OQ)}
+                  << c;
         }
         v = _mm512_maskz_mov_epi8(channels, _mm512_mask_blend_epi8(bits, minus, plus));
       }
@@ -251,8 +253,9 @@ int64_t channel_splits(int64_t blocks, int64_t pairs, int64_t pair_bytes, int64_
 
 }  // namespace
 
-void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                       const ConvGeometry& g, const TileWriter& writer) {
+void codebook_conv_amx(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
+                       const at::Tensor& indices, const ConvGeometry& g,
+                       const OutputTransform& writer) {
   Plan p;
   p.cin_g = g.in_per_group();
   p.cout_g = g.out_per_group();
@@ -270,9 +273,14 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
   uint8_t* images = image_space.get(g.batch * g.groups * image_bytes + slack);
   std::memset(images + g.batch * g.groups * image_bytes, 0, slack);
   if (input.scalar_type() == at::kFloat && input.stride(1) == 1) {
-    // float32 with contiguous channels (channels_last, the fastest input): compares straight
-    // into int8 pixels (10% faster than packing bits first on 64->64@56).
+    // float32 with contiguous channels (channels_last, the fastest input): compares with the
+    // thresholds straight into int8 pixels (10% faster than packing bits first on 64->64@56).
     const float* x = input.data_ptr<float>();
+    std::vector<float> thr(g.in_channels, 0.0f);
+    if (threshold.defined()) {
+      const at::Tensor t = threshold.contiguous();
+      std::copy(t.data_ptr<float>(), t.data_ptr<float>() + g.in_channels, thr.begin());
+    }
     at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t h = row % hp, grp = (row / hp) % g.groups, n = row / (hp * g.groups);
@@ -280,11 +288,12 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
         const float* in_row = inside ? x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) +
                                            grp * p.cin_g
                                      : nullptr;
-        binarize_row(in_row, input.stride(3), g, p, h, images + row * wp * p.cp);
+        binarize_row(in_row, input.stride(3), thr.data() + grp * p.cin_g, g, p, h,
+                     images + row * wp * p.cp);
       }
     });
   } else {  // any dtype and layout: packed bits (packing.h), expanded row by row while in cache
-    pack_pixels(input, g, Isa::kAmx,
+    pack_pixels(input, threshold, g, Isa::kAmx,
         [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
           expand_row(packed, g, p, n, grp, h, images + ((n * g.groups + grp) * hp + h) * wp * p.cp);
         });
@@ -381,8 +390,8 @@ void codebook_conv_amx(const at::Tensor& input, const PackedCodebook& cb, const 
 
 namespace sparks {
 namespace cpu {
-void codebook_conv_amx(const at::Tensor&, const PackedCodebook&, const at::Tensor&,
-                       const ConvGeometry&, const TileWriter&) {
+void codebook_conv_amx(const at::Tensor&, const at::Tensor&, const PackedCodebook&, const at::Tensor&,
+                       const ConvGeometry&, const OutputTransform&) {
   TORCH_INTERNAL_ASSERT(false, "this build has no AMX kernel");
 }
 }  // namespace cpu

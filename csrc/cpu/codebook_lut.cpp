@@ -43,8 +43,9 @@ at::Tensor build_lut(const PackedCodebook& cb, int64_t taps) {
 
 }  // namespace
 
-void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                       const ConvGeometry& g, const TileWriter& writer, Isa isa) {
+void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
+                       const at::Tensor& indices, const ConvGeometry& g,
+                       const OutputTransform& writer, Isa isa) {
 #if defined(__x86_64__)
   const LutKernel kernel = isa >= Isa::kAvx512 ? lut_kernel_avx512() : lut_kernel_avx2();
 #else
@@ -53,7 +54,7 @@ void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const 
 #endif
   const int64_t taps = g.taps(), n = cb.size(), cin_g = g.in_per_group(), cout_g = g.out_per_group();
   const int64_t positions = g.out_h * g.out_w;
-  const PackedPixels px = pack_pixels(input, g, isa);
+  const PackedPixels px = pack_pixels(input, threshold, g, isa);
   const at::Tensor lut = build_lut(cb, taps);
   const int64_t lut_bytes = lut.numel();
   // (C_in/groups, C_out) bytes: one contiguous row of output channels per input channel. A

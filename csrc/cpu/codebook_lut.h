@@ -19,6 +19,7 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
+#include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
@@ -55,8 +56,9 @@ LutKernel lut_kernel_avx2();
 #endif
 
 // Runs the LUT kernel; the caller has checked lut_kernel_applies.
-void codebook_conv_lut(const at::Tensor& input, const PackedCodebook& cb, const at::Tensor& indices,
-                       const ConvGeometry& g, const TileWriter& writer, Isa isa);
+void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
+                       const at::Tensor& indices, const ConvGeometry& g,
+                       const OutputTransform& writer, Isa isa);
 
 }  // namespace cpu
 }  // namespace sparks

@@ -56,8 +56,17 @@ PackedCodebook pack_codebook(const at::Tensor& codebook) {
   return packed;
 }
 
-at::Tensor binarize_input(const at::Tensor& input) {
-  return at::ge(input, 0).contiguous().view(at::kByte);
+namespace {
+
+// input >= threshold[c] (or >= 0) as bool, compared in the input's dtype by ATen.
+at::Tensor ge_threshold(const at::Tensor& input, const at::Tensor& threshold) {
+  return threshold.defined() ? at::ge(input, threshold.view({1, -1, 1, 1})) : at::ge(input, 0);
+}
+
+}  // namespace
+
+at::Tensor binarize_input(const at::Tensor& input, const at::Tensor& threshold) {
+  return ge_threshold(input, threshold).contiguous().view(at::kByte);
 }
 
 void patch_row(const uint8_t* plane, const ConvGeometry& g, int64_t oh, uint64_t* patch) {
@@ -118,9 +127,10 @@ SPARKS_AVX512 inline uint64_t pack_bytes_avx512(const uint8_t* b, int64_t count)
   return _mm512_test_epi8_mask(v, v);
 }
 
-// Sign bits of `count` <= 64 float32 channels (stride s_c), straight from the input: contiguous
-// loads for channels_last, gathers for NCHW.
-SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, int64_t s_c) {
+// Bits x >= t of `count` <= 64 float32 channels (stride s_c), straight from the input: contiguous
+// loads for channels_last, gathers for NCHW; t holds the channels' thresholds (contiguous).
+SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, int64_t s_c,
+                                                 const float* t) {
   const __m512i lanes = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
       _mm512_set1_epi32(static_cast<int>(s_c)));
@@ -130,37 +140,35 @@ SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, 
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
     const __m512 v = s_c == 1 ? _mm512_maskz_loadu_ps(m, x + c)
                               : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, lanes, x + c * s_c, 4);
-    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_GE_OQ)} << c;
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, v, _mm512_maskz_loadu_ps(m, t + c), _CMP_GE_OQ)} << c;
   }
   return word;
 }
 
-// Same for channels-contiguous bfloat16: widened to float32 exactly (a 16-bit shift).
-SPARKS_AVX512 inline uint64_t pack_bf16_avx512(const uint16_t* x, int64_t count) {
+// Same for channels-contiguous bfloat16: widened to float32 exactly (a 16-bit shift), like its
+// bfloat16 thresholds, so that the float32 compare is the bfloat16 one.
+SPARKS_AVX512 inline uint64_t pack_bf16_avx512(const uint16_t* x, int64_t count, const float* t) {
   uint64_t word = 0;
   for (int64_t c = 0; c < count; c += 16) {
     const int64_t left = std::min<int64_t>(16, count - c);
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
     const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + c)), 16);
-    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(wide), _mm512_setzero_ps(), _CMP_GE_OQ)} << c;
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(wide), _mm512_maskz_loadu_ps(m, t + c), _CMP_GE_OQ)} << c;
   }
   return word;
 }
 #endif
 
-// Packs `cin_g` channels of one pixel (bytes or float32, channels contiguous) into `words` words.
-void pack_pixel(const uint8_t* bytes, const float* floats, int64_t cin_g, int64_t words,
-                Isa isa, uint64_t* out) {
+// Packs `cin_g` 0/1 bytes (contiguous) into `words` words.
+void pack_pixel(const uint8_t* bytes, int64_t cin_g, int64_t words, Isa isa, uint64_t* out) {
   for (int64_t k = 0; k < words; ++k) {
     const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
 #if defined(__x86_64__)
     if (isa >= Isa::kAvx512) {
-      out[k] = floats ? pack_floats_avx512(floats + 64 * k, count, 1)
-                      : pack_bytes_avx512(bytes + 64 * k, count);
+      out[k] = pack_bytes_avx512(bytes + 64 * k, count);
       continue;
     }
 #endif
-    (void)floats;
     out[k] = pack_bytes_portable(bytes + 64 * k, count);
   }
 }
@@ -175,32 +183,36 @@ void pack_row_portable(const uint8_t* bytes, int64_t s_w, int64_t pixels, int64_
 
 #if defined(__x86_64__)
 SPARKS_AVX512 void pack_row_avx512(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w,
-                                   int64_t pixels, int64_t cin_g, int64_t words, uint64_t* out) {
+                                   int64_t pixels, int64_t cin_g, int64_t words, const float* thr,
+                                   uint64_t* out) {
   for (int64_t w = 0; w < pixels; ++w)
     for (int64_t k = 0; k < words; ++k) {
       const int64_t count = std::min<int64_t>(64, cin_g - 64 * k), at = w * s_w + 64 * k * s_c;
+      const float* t = thr + 64 * k;
       out[w * words + k] =
-          type == at::kFloat      ? pack_floats_avx512(static_cast<const float*>(src) + at, count, s_c)
-          : type == at::kBFloat16 ? pack_bf16_avx512(static_cast<const uint16_t*>(src) + at, count)
+          type == at::kFloat      ? pack_floats_avx512(static_cast<const float*>(src) + at, count, s_c, t)
+          : type == at::kBFloat16 ? pack_bf16_avx512(static_cast<const uint16_t*>(src) + at, count, t)
                                   : pack_bytes_avx512(static_cast<const uint8_t*>(src) + at, count);
     }
 }
 #endif
 
-// `src` holds 0/1 bytes (kBool), or float32 / bfloat16 values on the AVX-512 path.
+// `src` holds 0/1 bytes (kBool), or float32 / bfloat16 values on the AVX-512 path, compared
+// with the thresholds `thr` of the row's channels.
 void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, int64_t pixels,
-              int64_t cin_g, int64_t words, Isa isa, uint64_t* out) {
+              int64_t cin_g, int64_t words, Isa isa, const float* thr, uint64_t* out) {
 #if defined(__x86_64__)
-  if (isa >= Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, out);
+  if (isa >= Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, thr, out);
 #endif
   (void)isa;
   (void)s_c;
+  (void)thr;
   pack_row_portable(static_cast<const uint8_t*>(src), s_w, pixels, cin_g, words, out);
 }
 
 }  // namespace
 
-PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa,
+PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g, Isa isa,
                          const std::function<void(const PackedPixels&, int64_t, int64_t, int64_t)>& row_done) {
   PackedPixels px;
   px.groups = g.groups;
@@ -229,14 +241,21 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
     }
   }
 
-  // float32 input is read directly (one compare per 16 channels: loads for channels_last,
-  // gathers with 32-bit offsets otherwise), and so is channels_last bfloat16; anything else is
-  // binarized by ATen into channels-last bytes first.
+  // float32 input is read directly (one compare per 16 channels with their thresholds: loads
+  // for channels_last, gathers with 32-bit offsets otherwise), and so is channels_last
+  // bfloat16; anything else is binarized by ATen into channels-last bytes first.
   const int64_t span = (input.size(1) - 1) * input.stride(1) + 16 * input.stride(1);
   const bool direct = isa >= Isa::kAvx512 &&
                       ((input.scalar_type() == at::kFloat && input.stride(1) > 0 && span < (int64_t{1} << 31)) ||
                        (input.scalar_type() == at::kBFloat16 && input.stride(1) == 1));
-  const at::Tensor src = direct ? input : at::ge(input, 0).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor src =
+      direct ? input : ge_threshold(input, threshold).contiguous(at::MemoryFormat::ChannelsLast);
+  // The direct packers' float32 thresholds (exact for bfloat16), 0 without a threshold.
+  std::vector<float> thr(direct ? g.in_channels : 0, 0.0f);
+  if (direct && threshold.defined()) {
+    const at::Tensor t = threshold.to(at::kFloat).contiguous();
+    std::copy(t.data_ptr<float>(), t.data_ptr<float>() + g.in_channels, thr.begin());
+  }
   const int64_t s_n = src.stride(0), s_c = src.stride(1), s_h = src.stride(2), s_w = src.stride(3);
   TORCH_INTERNAL_ASSERT(direct || s_c == 1 || g.in_channels == 1);
   const at::ScalarType type = src.scalar_type();
@@ -261,8 +280,8 @@ PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa
         }
         if (!pad_row) {
           const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
-          pack_row(base + offset * item, type, s_c, s_w, g.in_w,
-                   cin_g, px.words, isa, out + g.pad_w * px.words);
+          pack_row(base + offset * item, type, s_c, s_w, g.in_w, cin_g, px.words, isa,
+                   direct ? thr.data() + grp * cin_g : nullptr, out + g.pad_w * px.words);
         }
         if (row_done) row_done(px, n, grp, h);
       }
@@ -325,7 +344,7 @@ void pack_weight_rows(const at::Tensor& weight, bool rows_contiguous, Isa isa, u
 #if defined(__x86_64__)
       if (isa >= Isa::kAvx512 && rows_contiguous) {
         if constexpr (std::is_same_v<scalar_t, bool>) {
-          pack_pixel(reinterpret_cast<const uint8_t*>(row), nullptr, cin, words, isa, dst);
+          pack_pixel(reinterpret_cast<const uint8_t*>(row), cin, words, isa, dst);
           continue;
         } else if constexpr (std::is_same_v<scalar_t, float>) {
           if (pack_weight_row_f32_avx512(row, cin, dst)) continue;  // else: report below
@@ -417,118 +436,6 @@ at::Tensor index_table(const at::Tensor& indices) {
             out[c * rows + r] = static_cast<uint8_t>(in[r * s0 + c * s1]);
   });
   return table;
-}
-
-#if defined(__x86_64__)
-namespace {
-
-// 16 channels of float32 / bfloat16 (widened exactly: a 16-bit shift) as float32 lanes.
-SPARKS_AVX512 inline __m512 load_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-SPARKS_AVX512 inline __m512 load_lanes(const c10::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p))), 16));
-}
-
-// Stores 16 float32 lanes as float32, or as bfloat16 rounded to nearest even (the results are
-// finite).
-SPARKS_AVX512 inline void store_lanes(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-SPARKS_AVX512 inline void store_lanes(c10::BFloat16* p, __mmask16 m, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(
-      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), m, _mm512_cvtepi32_epi16(rounded));
-}
-
-// float32 / bfloat16 channels_last rows: 16 channels per convert (+ multiply, add) in float32.
-template <typename T>
-SPARKS_AVX512 void store_rows_avx512(T* out, int64_t s_h, int64_t s_w, int64_t out_w,
-                                     const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
-                                     int64_t cols, const T* scale, const T* bias) {
-  int64_t oh = p0 / out_w, ow = p0 % out_w;  // stepped, not divided, per row
-  for (int64_t r = 0; r < rows; ++r, ++ow) {
-    if (ow == out_w) ow = 0, ++oh;
-    T* dst = out + oh * s_h + ow * s_w;
-    const int32_t* src = tile + r * ld;
-    for (int64_t c = 0; c < cols; c += 16) {
-      const int64_t left = std::min<int64_t>(16, cols - c);
-      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
-      __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
-      if (scale) v = _mm512_mul_ps(v, load_lanes(scale + c, m));
-      if (bias) v = _mm512_add_ps(v, load_lanes(bias + c, m));
-      store_lanes(dst + c, m, v);
-    }
-  }
-}
-
-}  // namespace
-#endif
-
-TileWriter::TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,
-                       const c10::optional<at::Tensor>& bias, const ConvGeometry& g, Isa isa)
-    : output_(output),
-      scale_(scale.has_value() ? scale->contiguous() : at::Tensor()),
-      bias_(bias.has_value() ? bias->contiguous() : at::Tensor()),
-      out_w_(g.out_w) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "sparks_store",
-                                  [&] { store_ = &TileWriter::store_impl<scalar_t>; });
-  fast_rows_ = isa >= Isa::kAvx512 && output.stride(1) == 1 &&
-               (output.scalar_type() == at::kFloat || output.scalar_type() == at::kBFloat16);
-}
-
-void TileWriter::store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows,
-                       int64_t co0, int64_t cols) const {
-#if defined(__x86_64__)
-  if (fast_rows_) {
-    const auto rows_of = [&](auto* data) {
-      using T = std::remove_pointer_t<decltype(data)>;
-      const at::Tensor& o = output_;
-      store_rows_avx512<T>(data + n * o.stride(0) + co0, o.stride(2), o.stride(3), out_w_, tile, ld,
-                           p0, rows, cols, scale_.defined() ? scale_.data_ptr<T>() + co0 : nullptr,
-                           bias_.defined() ? bias_.data_ptr<T>() + co0 : nullptr);
-    };
-    if (output_.scalar_type() == at::kBFloat16) return rows_of(output_.data_ptr<at::BFloat16>());
-    return rows_of(output_.data_ptr<float>());
-  }
-#endif
-  store_(*this, tile, ld, n, p0, rows, co0, cols);
-}
-
-template <typename scalar_t>
-void TileWriter::store_impl(const TileWriter& w, const int32_t* tile, int64_t ld, int64_t n,
-                            int64_t p0, int64_t rows, int64_t co0, int64_t cols) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const at::Tensor& o = w.output_;
-  scalar_t* out = o.data_ptr<scalar_t>() + n * o.stride(0) + co0 * o.stride(1);
-  const int64_t s_c = o.stride(1), s_h = o.stride(2), s_w = o.stride(3);
-  const scalar_t* scale = w.scale_.defined() ? w.scale_.data_ptr<scalar_t>() + co0 : nullptr;
-  const scalar_t* bias = w.bias_.defined() ? w.bias_.data_ptr<scalar_t>() + co0 : nullptr;
-  // One branch-free loop per (scale, bias) case so that the compiler vectorizes the
-  // channels-contiguous (channels_last) case.
-  const auto rows_loop = [&](auto value) {
-    int64_t oh = p0 / w.out_w_, ow = p0 % w.out_w_;  // stepped, not divided, per row
-    for (int64_t r = 0; r < rows; ++r, ++ow) {
-      if (ow == w.out_w_) ow = 0, ++oh;
-      scalar_t* dst = out + oh * s_h + ow * s_w;
-      const int32_t* src = tile + r * ld;
-      if (s_c == 1) {
-        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<scalar_t>(value(src[c], c));
-      } else {
-        for (int64_t c = 0; c < cols; ++c) dst[c * s_c] = static_cast<scalar_t>(value(src[c], c));
-      }
-    }
-  };
-  if (scale && bias) {
-    rows_loop([&](int32_t v, int64_t c) {
-      return static_cast<opmath_t>(v) * static_cast<opmath_t>(scale[c]) + static_cast<opmath_t>(bias[c]);
-    });
-  } else if (scale) {
-    rows_loop([&](int32_t v, int64_t c) { return static_cast<opmath_t>(v) * static_cast<opmath_t>(scale[c]); });
-  } else if (bias) {
-    rows_loop([&](int32_t v, int64_t c) { return static_cast<opmath_t>(v) + static_cast<opmath_t>(bias[c]); });
-  } else {
-    rows_loop([](int32_t v, int64_t) { return static_cast<opmath_t>(v); });
-  }
 }
 
 }  // namespace cpu

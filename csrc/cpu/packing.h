@@ -9,7 +9,6 @@
 // because each valid non-zero tap contributes +1 when the signs agree and -1 when they differ.
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -35,9 +34,10 @@ struct PackedCodebook {
 // {-1, 0, +1}.
 PackedCodebook pack_codebook(const at::Tensor& codebook);
 
-// Binarized input as contiguous uint8 (N, C, H, W): 1 where input >= 0 (sign(0) = +1;
-// NaN gives 0, i.e. -1, exactly as the reference's where(input >= 0, 1, -1)).
-at::Tensor binarize_input(const at::Tensor& input);
+// Binarized input as contiguous uint8 (N, C, H, W): 1 where input >= threshold[c] (threshold
+// undefined: 0, so sign(0) = +1; NaN gives 0, i.e. -1, exactly as the reference's
+// where(input >= threshold, 1, -1)).
+at::Tensor binarize_input(const at::Tensor& input, const at::Tensor& threshold);
 
 // Builds the patch words of output row `oh` for one input channel plane (contiguous H x W of
 // 0/1 bytes): patch[ow] for ow in [0, out_w). Taps outside the image read `pad_bit`.
@@ -46,31 +46,6 @@ void patch_row(const uint8_t* plane, const ConvGeometry& g, int64_t oh, uint64_t
 // Validity words of output row `oh` (bit set = tap inside the image). Only zero padding
 // needs them; for pad_value = +-1 every tap is valid.
 void valid_row(const ConvGeometry& g, int64_t oh, uint64_t* valid);
-
-// Writes out[n, co, oh, ow] = acc * scale[co] + bias[co] (scale/bias optional) in the output
-// dtype, following the output's strides (NCHW or channels_last). The multiply-add runs in
-// opmath (float, or double for float64 inputs) and is rounded once.
-template <typename scalar_t>
-struct Epilogue {
-  using opmath_t = at::opmath_type<scalar_t>;
-  scalar_t* out;
-  int64_t s_n, s_c, s_h, s_w;
-  const scalar_t* scale;  // nullptr if absent
-  const scalar_t* bias;   // nullptr if absent
-
-  Epilogue(const at::Tensor& output, const at::Tensor& scale_t, const at::Tensor& bias_t)
-      : out(output.data_ptr<scalar_t>()),
-        s_n(output.stride(0)), s_c(output.stride(1)), s_h(output.stride(2)), s_w(output.stride(3)),
-        scale(scale_t.defined() ? scale_t.data_ptr<scalar_t>() : nullptr),
-        bias(bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr) {}
-
-  void store(int32_t acc, int64_t n, int64_t co, int64_t oh, int64_t ow) const {
-    opmath_t v = static_cast<opmath_t>(acc);
-    if (scale) v = v * static_cast<opmath_t>(scale[co]);
-    if (bias) v = v + static_cast<opmath_t>(bias[co]);
-    out[n * s_n + co * s_c + oh * s_h + ow * s_w] = static_cast<scalar_t>(v);
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Channel-packed layout used by the fast kernels (binary_conv2d and the LUT codebook kernel).
@@ -95,11 +70,11 @@ struct PackedPixels {
   }
 };
 
-// Binarizes (x >= 0 is +1; NaN is -1, like the reference) and packs `input` in any memory
-// format and float dtype. Parallel over rows; `isa` only picks the instructions. If given,
+// Binarizes (x >= threshold[c] is +1, threshold undefined: 0; NaN is -1, like the reference)
+// and packs `input` in any memory format and float dtype. Parallel over rows; `isa` only picks the instructions. If given,
 // `row_done(n, grp, h)` runs on the packing thread right after padded row h of (n, grp) is
 // complete, while it is still in cache.
-PackedPixels pack_pixels(const at::Tensor& input, const ConvGeometry& g, Isa isa,
+PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g, Isa isa,
                          const std::function<void(const PackedPixels&, int64_t, int64_t, int64_t)>& row_done = {});
 
 // The pixel of each tap of output position (oh, ow), tap t = i * kw + j, and the mask of taps
@@ -122,27 +97,6 @@ void check_index_range(const at::Tensor& indices, int64_t n);
 // one row of output channels per input channel. Free for uint8 indices stored that way
 // (indices.t() contiguous), as a layer can keep them.
 at::Tensor index_table(const at::Tensor& indices);
-
-// Writes int32 result tiles to the output in its dtype and memory format, applying scale and
-// bias like Epilogue. A tile is rows x cols values, row r = flat output position p0 + r
-// (p = oh * out_w + ow), column c = output channel co0 + c, row stride ld.
-class TileWriter {
- public:
-  TileWriter(const at::Tensor& output, const c10::optional<at::Tensor>& scale,
-             const c10::optional<at::Tensor>& bias, const ConvGeometry& g, Isa isa);
-  void store(const int32_t* tile, int64_t ld, int64_t n, int64_t p0, int64_t rows, int64_t co0,
-             int64_t cols) const;
-
- private:
-  at::Tensor output_, scale_, bias_;
-  int64_t out_w_;
-  bool fast_rows_ = false;  // AVX-512 stores of float32 / bfloat16 channels_last rows
-  void (*store_)(const TileWriter&, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                 int64_t);
-  template <typename scalar_t>
-  static void store_impl(const TileWriter& w, const int32_t* tile, int64_t ld, int64_t n,
-                         int64_t p0, int64_t rows, int64_t co0, int64_t cols);
-};
 
 }  // namespace cpu
 }  // namespace sparks

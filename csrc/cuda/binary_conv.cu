@@ -23,7 +23,8 @@
 //   binary_gemm_popc_kernel  CUDA-core fallback (__popc), one thread per output: used below
 //                        sm_80, for small groups (depthwise) and when SPARKS_CUDA_PORTABLE=1.
 // popc(A) and the validity of each row are computed by the GEMMs themselves. Both end in the
-// same integer formula and the CPU's epilogue (cuda_helpers.cuh).
+// same integer formula and the CPU's output transform (cuda_helpers.cuh); the packers binarize
+// against the threshold.
 //
 // Value checks: weight entries outside {-1, +1} trip a device-side assert (cuda_helpers.cuh)
 // and read as -1.
@@ -68,9 +69,13 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& scale,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              double pad_value) {
+                              double pad_value, const c10::optional<at::Tensor>& threshold,
+                              const c10::optional<at::Tensor>& residual,
+                              const c10::optional<at::Tensor>& prelu_weight,
+                              const c10::optional<at::Tensor>& post_bias) {
   const ConvGeometry g = check_binary_conv2d_args(input, weight, scale, bias, stride, padding,
                                                   dilation, groups, pad_value);
+  const FusedArgs fused = check_fused_args(input, g, threshold, residual, prelu_weight, post_bias);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
@@ -116,13 +121,13 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   const int64_t cwords = cin_g / 32;
   const at::Tensor pixels =
       at::empty({by_pixels ? g.batch * g.groups * g.in_h * g.in_w * cwords : 0}, i32);
-  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const TransformTensors tensors = transform_tensors(output, scale, bias, fused);
+  const at::Tensor thr = fused.threshold.defined() ? fused.threshold.contiguous() : at::Tensor();
   uint32_t* a_ptr = reinterpret_cast<uint32_t*>(a.data_ptr<int32_t>());
   const uint32_t* b_ptr = reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_binary_conv2d_cuda", [&] {
-    const InputView<scalar_t> x = make_input_view<scalar_t>(input);
+    const InputView<scalar_t> x = make_input_view<scalar_t>(input, thr);
     if (by_pixels) {
       uint32_t* pixels_ptr = reinterpret_cast<uint32_t*>(pixels.data_ptr<int32_t>());
       const bool channels_contiguous = input.stride(1) == 1;
@@ -139,7 +144,7 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
           x, g, rows, kwords_padded, a_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const Epilogue<scalar_t> epilogue = make_epilogue<scalar_t>(output, scale_c, bias_c);
+    const OutputTransform<scalar_t> transform = make_output_transform<scalar_t>(output, tensors);
     if (use_mma) {
       const dim3 grid(static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
                       static_cast<unsigned int>(g.groups * co_tiles));
@@ -148,16 +153,16 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
         binary_gemm_mma_kernel<scalar_t, true>
             <<<grid, kMmaThreads, implicit_smem_bytes(kwords_padded), stream>>>(
                 nullptr, pixels_ptr, cwords, b_ptr, wcount.const_data_ptr<int32_t>(), g, rows,
-                kwords_padded, co_tiles, epilogue);
+                kwords_padded, co_tiles, transform);
       else
         binary_gemm_mma_kernel<scalar_t, false><<<grid, kMmaThreads, 0, stream>>>(
           a_ptr, pixels_ptr, cwords, b_ptr,
-          wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, co_tiles, epilogue);
+          wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, co_tiles, transform);
     } else {
       binary_gemm_popc_kernel<scalar_t>
           <<<grid_for(g.groups * rows * cout_g, kDenseThreads), kDenseThreads, 0, stream>>>(
               a_ptr, b_ptr,
-              wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, epilogue);
+              wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, transform);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -163,12 +163,12 @@ __global__ void gather_patches_kernel(const uint32_t* __restrict__ pixels, const
 }
 
 // out = 4 popc(A & B) - 2 popc(A) - 2 popc(B over valid taps) + |valid taps| * cin_g, stored at
-// the output position's offset (Epilogue::offset) in channel co.
+// the output position's offset (OutputTransform::offset) in channel co.
 template <typename scalar_t>
 __device__ __forceinline__ void finish(int32_t and_popc, int32_t a_popc, uint64_t valid,
                                        int32_t b_total, const int32_t* __restrict__ wcount_row,
                                        const ConvGeometry& g, int64_t position_offset, int64_t co,
-                                       const Epilogue<scalar_t>& epilogue) {
+                                       const OutputTransform<scalar_t>& transform) {
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
   const int32_t cin_g = static_cast<int32_t>(g.in_channels / g.groups);
   int32_t b_popc = b_total, valid_taps = taps;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void finish(int32_t and_popc, int32_t a_popc, uint64_
     b_popc = 0;
     for (uint64_t v = valid; v != 0; v &= v - 1) b_popc += wcount_row[__ffsll(v) - 1];
   }
-  epilogue.store_at(4 * and_popc - 2 * a_popc - 2 * b_popc + valid_taps * cin_g, position_offset, co);
+  transform.store_at(4 * and_popc - 2 * a_popc - 2 * b_popc + valid_taps * cin_g, position_offset, co);
 }
 
 __device__ __forceinline__ void mma_and_popc(int32_t (&d)[4], const uint32_t (&a)[4],
@@ -216,7 +216,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
                        int64_t cwords, const uint32_t* __restrict__ b,
                        const int32_t* __restrict__ wcount, const ConvGeometry g, int64_t rows,
                        int64_t kwords_padded, int64_t co_tiles,
-                       const Epilogue<scalar_t> epilogue) {
+                       const OutputTransform<scalar_t> transform) {
   SPARKS_DYNAMIC_SHARED(smem);  // kImplicit: K-word tables dy, dx, cw (int32 each)
   __shared__ int32_t ih0_s[kTileM], iw0_s[kTileM];
   __shared__ int64_t image_s[kTileM];  // n * groups + grp: the row's pixel plane
@@ -243,7 +243,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
     iw0_s[r] = static_cast<int32_t>(ow * g.stride_w - g.pad_w);
     image_s[r] = n * g.groups + grp;
     valid_s[r] = valid_word<uint64_t>(g, ih0_s[r], iw0_s[r]);
-    offset_s[r] = epilogue.offset(n, oh, ow);
+    offset_s[r] = transform.offset(n, oh, ow);
   }
   int32_t* dy_s = reinterpret_cast<int32_t*>(smem);
   int32_t* dx_s = dy_s + kwords_padded;
@@ -372,7 +372,7 @@ binary_gemm_mma_kernel(const uint32_t* __restrict__ a, const uint32_t* __restric
         if (m < rows && co < cout_g) {
           const int64_t co_global = grp * cout_g + co;
           finish(acc[i][j][r], a_popc_s[row], valid_s[row], b_total_s[col],
-                 wcount + co_global * taps, g, offset_s[row], co_global, epilogue);
+                 wcount + co_global * taps, g, offset_s[row], co_global, transform);
         }
       }
 }
@@ -382,7 +382,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kDenseThreads)
 binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
                         const int32_t* __restrict__ wcount, const ConvGeometry g, int64_t rows,
-                        int64_t kwords_padded, const Epilogue<scalar_t> epilogue) {
+                        int64_t kwords_padded, const OutputTransform<scalar_t> transform) {
   const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
   const int64_t cout_g = g.out_channels / g.groups;
   const int64_t total = g.groups * rows * cout_g;
@@ -406,7 +406,7 @@ binary_gemm_popc_kernel(const uint32_t* __restrict__ a, const uint32_t* __restri
     const int64_t n = m / out_hw, oh = (m % out_hw) / g.out_w, ow = m % g.out_w;
     finish(and_popc, a_popc,
            valid_word<uint64_t>(g, oh * g.stride_h - g.pad_h, ow * g.stride_w - g.pad_w), b_total,
-           wcount_row, g, epilogue.offset(n, oh, ow), co_global, epilogue);
+           wcount_row, g, transform.offset(n, oh, ow), co_global, transform);
   }
 }
 

@@ -11,7 +11,8 @@
 //      thread adds 16 positions' bytes at once as 16-bit lanes of 32-bit words (SWAR), so one
 //      128-bit shared load and 8 integer ops serve 16 outputs of one channel.
 // Integer sums throughout; the bias of the biased bytes is removed once at the end and the
-// scale/bias epilogue is the CPU one, rounded the same way (cuda_helpers.cuh).
+// output transform (scale, bias, residual, PReLU, post_bias) is the CPU one, rounded the same
+// way (cuda_helpers.cuh); the threshold binarization happens where the patches are read.
 //
 // Shapes that gain nothing from shared response tiles (few output channels per group, e.g.
 // depthwise) or whose tile would not fit shared memory (very large codebooks) take a direct
@@ -35,10 +36,11 @@ namespace cuda {
 namespace {
 
 template <typename scalar_t, typename word_t>
-void launch_codebook_conv(const at::Tensor& input, const ConvGeometry& g, const at::Tensor& cb_words,
-                          const at::Tensor& idx, int64_t n_cw, const Epilogue<scalar_t>& epilogue) {
+void launch_codebook_conv(const at::Tensor& input, const at::Tensor& threshold, const ConvGeometry& g,
+                          const at::Tensor& cb_words, const at::Tensor& idx, int64_t n_cw,
+                          const OutputTransform<scalar_t>& transform) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const InputView<scalar_t> x = make_input_view<scalar_t>(input);
+  const InputView<scalar_t> x = make_input_view<scalar_t>(input, threshold);
   const word_t* sign = reinterpret_cast<const word_t*>(cb_words.const_data_ptr<int64_t>());
   const word_t* mask = sign + n_cw;
   const int32_t* indices = idx.const_data_ptr<int32_t>();
@@ -58,11 +60,11 @@ void launch_codebook_conv(const at::Tensor& input, const ConvGeometry& g, const 
     codebook_conv_tiled_kernel<scalar_t, word_t>
         <<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(
             x, g, sign, mask, indices, static_cast<int>(n_cw), static_cast<int>(chunk), pos_tiles,
-            co_tiles, channels_fastest, epilogue);
+            co_tiles, channels_fastest, transform);
   } else {
     const int64_t total = g.batch * g.out_channels * g.out_h * g.out_w;
     codebook_conv_direct_kernel<scalar_t, word_t>
-        <<<grid_for(total, kThreads), kThreads, 0, stream>>>(x, g, sign, mask, indices, epilogue);
+        <<<grid_for(total, kThreads), kThreads, 0, stream>>>(x, g, sign, mask, indices, transform);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -71,9 +73,13 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& codebook,
                        const at::Tensor& indices, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                       double pad_value) {
+                       double pad_value, const c10::optional<at::Tensor>& threshold,
+                       const c10::optional<at::Tensor>& residual,
+                       const c10::optional<at::Tensor>& prelu_weight,
+                       const c10::optional<at::Tensor>& post_bias) {
   const ConvGeometry g = check_codebook_conv2d_args(input, codebook, indices, scale, bias, stride,
                                                     padding, dilation, groups, pad_value);
+  const FusedArgs fused = check_fused_args(input, g, threshold, residual, prelu_weight, post_bias);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
@@ -107,14 +113,14 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& codebook,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const TransformTensors tensors = transform_tensors(output, scale, bias, fused);
+  const at::Tensor thr = fused.threshold.defined() ? fused.threshold.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_conv2d_cuda", [&] {
-    const Epilogue<scalar_t> epilogue = make_epilogue<scalar_t>(output, scale_c, bias_c);
+    const OutputTransform<scalar_t> transform = make_output_transform<scalar_t>(output, tensors);
     if (wide)
-      launch_codebook_conv<scalar_t, uint64_t>(input, g, cb_words, idx, n_cw, epilogue);
+      launch_codebook_conv<scalar_t, uint64_t>(input, thr, g, cb_words, idx, n_cw, transform);
     else
-      launch_codebook_conv<scalar_t, uint32_t>(input, g, cb_words, idx, n_cw, epilogue);
+      launch_codebook_conv<scalar_t, uint32_t>(input, thr, g, cb_words, idx, n_cw, transform);
   });
   return output;
 }

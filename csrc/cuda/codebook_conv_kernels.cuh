@@ -75,7 +75,7 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
                            const word_t* __restrict__ cb_sign, const word_t* __restrict__ cb_mask,
                            const int32_t* __restrict__ indices, int n_cw, int chunk,
                            int64_t pos_tiles, int64_t co_tiles, bool channels_fastest,
-                           const Epilogue<scalar_t> epilogue) {
+                           const OutputTransform<scalar_t> transform) {
   SPARKS_DYNAMIC_SHARED(smem);
   // Carved in this order so that every array stays aligned: the response block is a multiple of
   // 64 bytes long, the word arrays (8-byte multiples together) come before the int64 offsets,
@@ -114,7 +114,7 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
     ih0[p] = static_cast<int32_t>(oh * g.stride_h - g.pad_h);
     iw0[p] = static_cast<int32_t>(ow * g.stride_w - g.pad_w);
     valid[p] = pos0 + p < out_hw ? valid_word<word_t>(g, ih0[p], iw0[p]) : word_t{0};
-    out_offset[p] = epilogue.offset(n, oh, ow);
+    out_offset[p] = transform.offset(n, oh, ow);
   }
   __syncthreads();
   // Tiles away from zero padding (all of them for pad_value = +-1) skip the validity masks: one
@@ -207,7 +207,7 @@ codebook_conv_tiled_kernel(const InputView<scalar_t> x, const ConvGeometry g,
 #pragma unroll
   for (int i = 0; i < kPosPerThread; ++i) {
     const int p = pq * kPosPerThread + i;
-    if (pos0 + p < out_hw) epilogue.store_at(acc[i] - bias, out_offset[p], grp * cout_g + co0 + co_l);
+    if (pos0 + p < out_hw) transform.store_at(acc[i] - bias, out_offset[p], grp * cout_g + co0 + co_l);
   }
 }
 
@@ -216,7 +216,7 @@ template <typename scalar_t, typename word_t>
 __global__ void __launch_bounds__(kThreads)
 codebook_conv_direct_kernel(const InputView<scalar_t> x, const ConvGeometry g,
                             const word_t* __restrict__ cb_sign, const word_t* __restrict__ cb_mask,
-                            const int32_t* __restrict__ indices, const Epilogue<scalar_t> epilogue) {
+                            const int32_t* __restrict__ indices, const OutputTransform<scalar_t> transform) {
   const int64_t cin_g = g.in_channels / g.groups, cout_g = g.out_channels / g.groups;
   const int64_t out_hw = g.out_h * g.out_w;
   const int64_t total = g.batch * g.out_channels * out_hw;
@@ -236,7 +236,7 @@ codebook_conv_direct_kernel(const InputView<scalar_t> x, const ConvGeometry g,
       const word_t p = patch_word<word_t>(x, g, n, grp * cin_g + ci, ih0, iw0);
       acc += popc(mv) - 2 * popc(mv & (p ^ cb_sign[k]));
     }
-    epilogue.store(acc, n, co, oh, ow);
+    transform.store(acc, n, co, oh, ow);
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -42,43 +43,58 @@ __host__ __device__ __forceinline__ word_t low_bits(int n) {
                                                     : static_cast<word_t>((word_t{1} << n) - 1);
 }
 
-// sign(x) as a bit: 1 for x >= 0 (sign(0) = +1), 0 for x < 0 and for NaN, exactly as the CPU
-// backend's at::ge(input, 0) and the reference's where(input >= 0, 1, -1).
+// The input bit of x: 1 for x >= t, 0 for x < t and for NaN, compared in opmath (widening
+// float16 / bfloat16 to float is exact, so this is the compare in the input's dtype), exactly
+// as the CPU backend and the reference's where(input >= threshold, 1, -1). Without a threshold
+// t = 0: sign(0) = +1.
 template <typename scalar_t>
-__device__ __forceinline__ uint32_t sign_bit(scalar_t x) {
+__device__ __forceinline__ uint32_t ge_bit(scalar_t x, const scalar_t* t) {
   using opmath_t = at::opmath_type<scalar_t>;
-  return static_cast<opmath_t>(x) >= opmath_t(0) ? 1u : 0u;
+  return static_cast<opmath_t>(x) >= (t != nullptr ? static_cast<opmath_t>(*t) : opmath_t(0)) ? 1u : 0u;
 }
 
 // Explicitly rounded multiply and add: nvcc would otherwise contract v * scale + bias into one
-// FMA (one rounding), while the CPU epilogue rounds after the multiply and after the add.
+// FMA (one rounding), while the CPU transform rounds after every step.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
-// out[n, co, oh, ow] = acc * scale[co] + bias[co] in the output dtype, following the output's
-// strides. Same arithmetic as the CPU Epilogue (csrc/cpu/packing.h): int -> opmath (float, or
-// double for float64) exactly, multiply rounded, add rounded, one final cast. Trivially
-// copyable so that it can be passed to kernels by value.
+// The output transform, the CPU one (csrc/cpu/output_transform.h) step for step: for output
+// (n, co, oh, ow) with integer sum acc, in opmath (float, or double for float64),
+//     y = acc * scale[co] + bias[co]  ->  + residual  ->  PReLU(prelu_weight[co])  ->  + post_bias[co]
+// each step rounded, then one cast to the output dtype at the output's strides. The residual
+// is laid out like the output (the host copies it otherwise), so one offset serves both.
+// Trivially copyable so that it can be passed to kernels by value.
 template <typename scalar_t>
-struct Epilogue {
+struct OutputTransform {
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* out;
   int64_t s_n, s_c, s_h, s_w;
-  const scalar_t* scale;  // nullptr if absent
-  const scalar_t* bias;   // nullptr if absent
+  const scalar_t* scale;     // nullptr if absent (as the four below)
+  const scalar_t* bias;
+  const scalar_t* residual;  // same strides as out
+  const scalar_t* prelu;
+  const scalar_t* post;
 
   // Offset of out[n, 0, oh, ow]: kernels compute it once per output position.
   __device__ __forceinline__ int64_t offset(int64_t n, int64_t oh, int64_t ow) const {
     return n * s_n + oh * s_h + ow * s_w;
   }
 
-  __device__ __forceinline__ void store_at(int32_t acc, int64_t position_offset, int64_t co) const {
+  __device__ __forceinline__ opmath_t value(int32_t acc, int64_t at, int64_t co) const {
     opmath_t v = static_cast<opmath_t>(acc);
     if (scale != nullptr) v = mul_rn(v, static_cast<opmath_t>(scale[co]));
     if (bias != nullptr) v = add_rn(v, static_cast<opmath_t>(bias[co]));
-    out[position_offset + co * s_c] = static_cast<scalar_t>(v);
+    if (residual != nullptr) v = add_rn(v, static_cast<opmath_t>(residual[at]));
+    if (prelu != nullptr) v = v >= opmath_t(0) ? v : mul_rn(static_cast<opmath_t>(prelu[co]), v);
+    if (post != nullptr) v = add_rn(v, static_cast<opmath_t>(post[co]));
+    return v;
+  }
+
+  __device__ __forceinline__ void store_at(int32_t acc, int64_t position_offset, int64_t co) const {
+    const int64_t at = position_offset + co * s_c;
+    out[at] = static_cast<scalar_t>(value(acc, at, co));
   }
 
   __device__ __forceinline__ void store(int32_t acc, int64_t n, int64_t co, int64_t oh,
@@ -87,36 +103,64 @@ struct Epilogue {
   }
 };
 
-// scale / bias must be kept alive by the caller (contiguous copies) while the kernel runs.
+// The (C_out,) tensors contiguous and the residual laid out like the output; the returned
+// tensors must stay alive while the kernel runs.
+struct TransformTensors {
+  at::Tensor scale, bias, residual, prelu, post;
+};
+
+inline TransformTensors transform_tensors(const at::Tensor& output,
+                                          const c10::optional<at::Tensor>& scale,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const FusedArgs& fused) {
+  const auto vec = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : at::Tensor(); };
+  TransformTensors t;
+  t.scale = scale.has_value() ? vec(*scale) : at::Tensor();
+  t.bias = bias.has_value() ? vec(*bias) : at::Tensor();
+  t.prelu = vec(fused.prelu_weight);
+  t.post = vec(fused.post_bias);
+  t.residual = fused.residual;
+  if (t.residual.defined() && t.residual.strides() != output.strides())
+    t.residual = at::empty_like(output).copy_(fused.residual);
+  return t;
+}
+
 template <typename scalar_t>
-Epilogue<scalar_t> make_epilogue(const at::Tensor& output, const at::Tensor& scale,
-                                 const at::Tensor& bias) {
-  Epilogue<scalar_t> e;
+OutputTransform<scalar_t> make_output_transform(const at::Tensor& output, const TransformTensors& t) {
+  const auto ptr = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<scalar_t>() : nullptr; };
+  OutputTransform<scalar_t> e;
   e.out = output.data_ptr<scalar_t>();
   e.s_n = output.stride(0);
   e.s_c = output.stride(1);
   e.s_h = output.stride(2);
   e.s_w = output.stride(3);
-  e.scale = scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr;
-  e.bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  e.scale = ptr(t.scale);
+  e.bias = ptr(t.bias);
+  e.residual = ptr(t.residual);
+  e.prelu = ptr(t.prelu);
+  e.post = ptr(t.post);
   return e;
 }
 
-// The input as kernels read it: any strides (NCHW, channels_last, sliced views), no copy.
+// The input as kernels read it: any strides (NCHW, channels_last, sliced views), no copy, and
+// the per-channel thresholds of its binarization (nullptr: 0).
 template <typename scalar_t>
 struct InputView {
   const scalar_t* data;
   int64_t s_n, s_c, s_h, s_w;
+  const scalar_t* threshold;
 
   __device__ __forceinline__ uint32_t bit(int64_t n, int64_t c, int64_t h, int64_t w) const {
-    return sign_bit(data[n * s_n + c * s_c + h * s_h + w * s_w]);
+    return ge_bit(data[n * s_n + c * s_c + h * s_h + w * s_w],
+                  threshold != nullptr ? threshold + c : nullptr);
   }
 };
 
+// `threshold` (contiguous or undefined) must stay alive while the kernel runs.
 template <typename scalar_t>
-InputView<scalar_t> make_input_view(const at::Tensor& input) {
+InputView<scalar_t> make_input_view(const at::Tensor& input, const at::Tensor& threshold) {
   return {input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2),
-          input.stride(3)};
+          input.stride(3), threshold.defined() ? threshold.const_data_ptr<scalar_t>() : nullptr};
 }
 
 // Patch word on input channel c of image n of the output position whose window starts at input

@@ -32,7 +32,9 @@ int main() {
                 .findSchemaOrThrow("sparks::conv2d", "")
                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                  c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t, double)>();
+                                  c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t, double,
+                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   at::manual_seed(0);
   for (double pad_value : {0.0, 1.0, -1.0}) {
     for (int64_t stride : {1, 2}) {
@@ -41,7 +43,8 @@ int main() {
         at::Tensor codebook = at::randint(-1, 2, {32, 3, 3}, at::kChar);
         at::Tensor indices = at::randint(0, 32, {12, 8 / groups}, at::kInt);
         at::Tensor out = op.call(x, codebook, indices, std::nullopt, std::nullopt, {stride, stride},
-                                 {1, 1}, {1, 1}, groups, pad_value);
+                                 {1, 1}, {1, 1}, groups, pad_value, std::nullopt, std::nullopt,
+                                 std::nullopt, std::nullopt);
         at::Tensor ref = reference(x, codebook, indices, stride, 1, groups, pad_value);
         check(at::equal(out, ref), "conv2d pad_value=" + std::to_string(pad_value) +
                                        " stride=" + std::to_string(stride) +
@@ -53,7 +56,8 @@ int main() {
   bool raised = false;
   try {
     op.call(at::randn({1, 4, 5, 5}), at::ones({4, 3, 3}, at::kChar), at::full({4, 4}, 7, at::kInt),
-            std::nullopt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1, 0.0);
+            std::nullopt, std::nullopt, {1, 1}, {0, 0}, {1, 1}, 1, 0.0, std::nullopt, std::nullopt,
+            std::nullopt, std::nullopt);
   } catch (const c10::ValueError& e) {
     raised = std::string(e.what()).find("indices must lie in") != std::string::npos;
   }

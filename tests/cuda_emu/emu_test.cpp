@@ -1,7 +1,7 @@
 // Runs the real CUDA kernels of sparks::conv2d and sparks::binary_conv2d under the CPU emulator
 // (emu_cuda.h) on random geometries and checks every code path against a naive integer
-// convolution: codebook tiled + direct kernels, dense bit / pixel packers, MMA + popc GEMMs, and
-// the epilogue. Built and run by .ci/emulate_cuda.sh.
+// convolution: codebook tiled + direct kernels, dense bit / pixel packers, MMA + popc GEMMs, the
+// threshold binarization and the output transform (scale, bias, residual, PReLU, post_bias). Built and run by .ci/emulate_cuda.sh.
 #include "emu_cuda.h"
 
 #include "../../csrc/cuda/cuda_helpers.cuh"
@@ -22,16 +22,19 @@ int uniform(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(
 struct Problem {
   ConvGeometry g;
   bool channels_last;
-  std::vector<float> x;  // stored NCHW or NHWC
+  std::vector<float> x;          // stored NCHW or NHWC
+  std::vector<float> threshold;  // per input channel; empty: binarize at 0
   InputView<float> view() const {
     const int64_t C = g.in_channels, H = g.in_h, W = g.in_w;
-    if (channels_last) return {x.data(), H * W * C, 1, W * C, C};
-    return {x.data(), C * H * W, H * W, W, 1};
+    const float* t = threshold.empty() ? nullptr : threshold.data();
+    if (channels_last) return {x.data(), H * W * C, 1, W * C, C, t};
+    return {x.data(), C * H * W, H * W, W, 1, t};
   }
   float at(int64_t n, int64_t c, int64_t h, int64_t w) const {
     const InputView<float> v = view();
     return x[n * v.s_n + c * v.s_c + h * v.s_h + w * v.s_w];
   }
+  float threshold_of(int64_t c) const { return threshold.empty() ? 0.0f : threshold[c]; }
   int64_t outputs() const { return g.batch * g.out_channels * g.out_h * g.out_w; }
 };
 
@@ -52,8 +55,8 @@ std::vector<int32_t> reference(const Problem& p, WeightFn weight) {
                 const int64_t ih = oh * g.stride_h - g.pad_h + i * g.dil_h;
                 const int64_t iw = ow * g.stride_w - g.pad_w + j * g.dil_w;
                 const bool inside = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w;
-                const int xb = inside ? (p.at(n, (co / cout_g) * cin_g + ci, ih, iw) >= 0 ? 1 : -1)
-                                      : g.pad_value;
+                const int64_t c = (co / cout_g) * cin_g + ci;
+                const int xb = inside ? (p.at(n, c, ih, iw) >= p.threshold_of(c) ? 1 : -1) : g.pad_value;
                 acc += xb * weight(co, ci, i * g.kernel_w + j);
               }
           out[((n * g.out_channels + co) * g.out_h + oh) * g.out_w + ow] = acc;
@@ -61,10 +64,46 @@ std::vector<int32_t> reference(const Problem& p, WeightFn weight) {
   return out;
 }
 
-Epilogue<float> epilogue(const Problem& p, std::vector<float>& out, const float* scale, const float* bias) {
+// The operands of a full output transform (scale, bias, residual laid out like the NCHW output,
+// PReLU slopes of both signs, post_bias).
+struct TransformOperands {
+  std::vector<float> scale, bias, residual, prelu, post;
+  explicit TransformOperands(const Problem& p) {
+    const ConvGeometry& g = p.g;
+    for (int64_t c = 0; c < g.out_channels; ++c) {
+      scale.push_back(0.5f + 0.37f * static_cast<float>(c % 7));
+      bias.push_back(-1.25f + 0.1f * static_cast<float>(c % 5));
+      prelu.push_back(-0.3f + 0.17f * static_cast<float>(c % 6));
+      post.push_back(0.75f - 0.2f * static_cast<float>(c % 4));
+    }
+    std::normal_distribution<float> normal;
+    for (int64_t i = 0; i < p.outputs(); ++i) residual.push_back(4.0f * normal(rng));
+  }
+  // The CPU transform (csrc/cpu/output_transform.h) of output i, written out step by step.
+  float apply(int32_t acc, int64_t i, int64_t co) const {
+    float v = static_cast<float>(acc);
+    v = v * scale[co];
+    v = v + bias[co];
+    v = v + residual[i];
+    v = v >= 0.0f ? v : prelu[co] * v;
+    return v + post[co];
+  }
+};
+
+// NCHW float output; with `ops`, the full transform, else the plain sums.
+OutputTransform<float> transform(const Problem& p, std::vector<float>& out, const TransformOperands* ops) {
   out.assign(p.outputs(), -12345.0f);
   const ConvGeometry& g = p.g;
-  return {out.data(), g.out_channels * g.out_h * g.out_w, g.out_h * g.out_w, g.out_w, 1, scale, bias};
+  OutputTransform<float> t{out.data(), g.out_channels * g.out_h * g.out_w, g.out_h * g.out_w, g.out_w, 1,
+                           nullptr, nullptr, nullptr, nullptr, nullptr};
+  if (ops) {
+    t.scale = ops->scale.data();
+    t.bias = ops->bias.data();
+    t.residual = ops->residual.data();
+    t.prelu = ops->prelu.data();
+    t.post = ops->post.data();
+  }
+  return t;
 }
 
 int failures = 0;
@@ -76,6 +115,20 @@ void expect_equal(const std::vector<float>& got, const std::vector<int32_t>& wan
       ++failures;
       return;
     }
+}
+
+void expect_transformed(const std::vector<float>& got, const std::vector<int32_t>& want,
+                        const Problem& p, const TransformOperands& ops, const char* what, int case_id) {
+  const int64_t hw = p.g.out_h * p.g.out_w;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const int64_t co = (static_cast<int64_t>(i) / hw) % p.g.out_channels;
+    const float v = ops.apply(want[i], static_cast<int64_t>(i), co);
+    if (got[i] != v) {
+      std::printf("FAIL case %d %s: output %zu is %g, want %g\n", case_id, what, i, got[i], v);
+      ++failures;
+      return;
+    }
+  }
 }
 
 Problem random_problem() {
@@ -112,6 +165,10 @@ Problem random_problem() {
     p.x.resize(g.batch * g.in_channels * g.in_h * g.in_w);
     std::normal_distribution<float> normal;
     for (float& v : p.x) v = uniform(0, 19) == 0 ? 0.0f : normal(rng);
+    if (uniform(0, 1) == 1) {  // thresholds, some equal to an input value (the >= edge)
+      for (int64_t c = 0; c < g.in_channels; ++c)
+        p.threshold.push_back(uniform(0, 3) == 0 ? p.at(0, c, 0, 0) : 0.5f * normal(rng));
+    }
     return p;
   }
 }
@@ -144,25 +201,35 @@ void run_codebook(const Problem& p, int case_id) {
   const word_t* mask = words.data() + n_cw;
   std::vector<float> out;
 
+  const TransformOperands ops(p);
   const int64_t chunk = tiled_chunk<word_t>(n_cw, cin_g);
-  if (tiled_smem_bytes<word_t>(n_cw, chunk) <= kSmemBudget) {
-    const int64_t pos_tiles = (g.out_h * g.out_w + kPos - 1) / kPos;
-    const int64_t co_tiles = (cout_g + kCoTile - 1) / kCoTile;
-    const Epilogue<float> e = epilogue(p, out, nullptr, nullptr);
-    const bool channels_fastest = p.channels_last;
-    emu::launch(Dim3{static_cast<unsigned int>(pos_tiles * co_tiles * g.groups * g.batch)}, kThreads,
-                tiled_smem_bytes<word_t>(n_cw, chunk), [&] {
-                  codebook_conv_tiled_kernel<float, word_t>(p.view(), g, sign, mask, idx.data(),
-                                                            static_cast<int>(n_cw), static_cast<int>(chunk),
-                                                            pos_tiles, co_tiles, channels_fastest, e);
-                });
-    expect_equal(out, want, "codebook tiled", case_id);
+  for (const bool with_transform : {false, true}) {
+    const TransformOperands* t_ops = with_transform ? &ops : nullptr;
+    if (tiled_smem_bytes<word_t>(n_cw, chunk) <= kSmemBudget) {
+      const int64_t pos_tiles = (g.out_h * g.out_w + kPos - 1) / kPos;
+      const int64_t co_tiles = (cout_g + kCoTile - 1) / kCoTile;
+      const OutputTransform<float> e = transform(p, out, t_ops);
+      const bool channels_fastest = p.channels_last;
+      emu::launch(Dim3{static_cast<unsigned int>(pos_tiles * co_tiles * g.groups * g.batch)}, kThreads,
+                  tiled_smem_bytes<word_t>(n_cw, chunk), [&] {
+                    codebook_conv_tiled_kernel<float, word_t>(p.view(), g, sign, mask, idx.data(),
+                                                              static_cast<int>(n_cw), static_cast<int>(chunk),
+                                                              pos_tiles, co_tiles, channels_fastest, e);
+                  });
+      if (with_transform)
+        expect_transformed(out, want, p, ops, "codebook tiled transform", case_id);
+      else
+        expect_equal(out, want, "codebook tiled", case_id);
+    }
+    const OutputTransform<float> e = transform(p, out, t_ops);
+    emu::launch(Dim3{grid_for(p.outputs(), kThreads)}, kThreads, 0, [&] {
+      codebook_conv_direct_kernel<float, word_t>(p.view(), g, sign, mask, idx.data(), e);
+    });
+    if (with_transform)
+      expect_transformed(out, want, p, ops, "codebook direct transform", case_id);
+    else
+      expect_equal(out, want, "codebook direct", case_id);
   }
-  const Epilogue<float> e = epilogue(p, out, nullptr, nullptr);
-  emu::launch(Dim3{grid_for(p.outputs(), kThreads)}, kThreads, 0, [&] {
-    codebook_conv_direct_kernel<float, word_t>(p.view(), g, sign, mask, idx.data(), e);
-  });
-  expect_equal(out, want, "codebook direct", case_id);
   std::printf("case %d codebook: %" PRId64 "x%" PRId64 " taps, n=%" PRId64 ", chunk %" PRId64 ", cin_g %" PRId64 ", cout_g %" PRId64 "\n",
               case_id, g.kernel_h, g.kernel_w, n_cw, chunk, cin_g, cout_g);
 }
@@ -178,11 +245,7 @@ void run_dense(const Problem& p, int case_id) {
   });
   const int64_t rows = g.batch * g.out_h * g.out_w;
   const int64_t kwords = (cin_g * taps + 31) / 32;
-  std::vector<float> scale(g.out_channels), bias(g.out_channels);
-  for (int64_t c = 0; c < g.out_channels; ++c) {
-    scale[c] = 0.5f + 0.37f * static_cast<float>(c % 7);
-    bias[c] = -1.25f + 0.1f * static_cast<float>(c % 5);
-  }
+  const TransformOperands ops(p);
   for (const bool mma : {false, true}) {
     const int64_t kwp = mma ? (kwords + kStepWords - 1) / kStepWords * kStepWords : kwords;
     std::vector<uint32_t> b(g.out_channels * kwp);
@@ -215,12 +278,11 @@ void run_dense(const Problem& p, int case_id) {
         ++failures;
       }
     }
-    for (const int variant : {0, 1, 2, 3}) {  // (epilogue?, implicit A?)
-      const bool with_epilogue = variant % 2 == 1, implicit = variant >= 2;
+    for (const int variant : {0, 1, 2, 3}) {  // (transform?, implicit A?)
+      const bool with_transform = variant % 2 == 1, implicit = variant >= 2;
       if (implicit && !(mma && cin_g % 32 == 0 && kwp <= kMaxImplicitWords)) continue;
       std::vector<float> out;
-      const Epilogue<float> e = epilogue(p, out, with_epilogue ? scale.data() : nullptr,
-                                         with_epilogue ? bias.data() : nullptr);
+      const OutputTransform<float> e = transform(p, out, with_transform ? &ops : nullptr);
       if (mma) {
         const int64_t co_tiles = (cout_g + kTileN - 1) / kTileN;
         const Dim3 grid{static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
@@ -240,29 +302,16 @@ void run_dense(const Problem& p, int case_id) {
           binary_gemm_popc_kernel<float>(a.data(), b.data(), wcount.data(), g, rows, kwp, e);
         });
       }
-      if (!with_epilogue) {
-        expect_equal(out, want, implicit ? "dense mma implicit" : mma ? "dense mma" : "dense popc",
-                     case_id);
-      } else {
-        std::vector<int32_t> dummy;
-        const int64_t hw = g.out_h * g.out_w;
-        for (size_t i = 0; i < want.size(); ++i) {
-          const int64_t co = (static_cast<int64_t>(i) / hw) % g.out_channels;
-          float v = static_cast<float>(want[i]);
-          v = v * scale[co];
-          v = v + bias[co];
-          if (out[i] != v) {
-            std::printf("FAIL case %d dense epilogue: output %zu is %g, want %g\n", case_id, i, out[i], v);
-            ++failures;
-            break;
-          }
-        }
-      }
+      const char* what = implicit ? "dense mma implicit" : mma ? "dense mma" : "dense popc";
+      if (with_transform)
+        expect_transformed(out, want, p, ops, what, case_id);
+      else
+        expect_equal(out, want, what, case_id);
     }
   }
-  std::printf("case %d dense: %" PRId64 "x%" PRId64 ", cin_g %" PRId64 ", cout_g %" PRId64 ", groups %" PRId64 ", kwords %" PRId64 ", pad %d, %s\n",
+  std::printf("case %d dense: %" PRId64 "x%" PRId64 ", cin_g %" PRId64 ", cout_g %" PRId64 ", groups %" PRId64 ", kwords %" PRId64 ", pad %d, %s%s\n",
               case_id, g.kernel_h, g.kernel_w, cin_g, cout_g, g.groups, kwords, g.pad_value,
-              p.channels_last ? "channels_last" : "nchw");
+              p.channels_last ? "channels_last" : "nchw", p.threshold.empty() ? "" : ", threshold");
 }
 
 }  // namespace
