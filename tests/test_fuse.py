@@ -284,7 +284,7 @@ def test_digits_top1_and_bf16_deploy():
     data = digits()
     torch.manual_seed(0)
     model = SmallCNN(conv="sparks", n_codewords=32, width=16, conv_kwargs=dict(sinkhorn_iters=5))
-    fit(model, torch.optim.Adam(model.parameters(), lr=2e-2), data, epochs=3)
+    fit(model, torch.optim.Adam(model.parameters(), lr=2e-2), data, epochs=2)
     x_test = data[2]
     with torch.no_grad():
         trained = model(x_test)
