@@ -44,6 +44,9 @@ from sparks_ext.fuse import is_fusable_conv
 from sparks_ext.models import SmallCNN, resnet18
 
 THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))
+# Wall clock by default; --cpu-time (1 thread) times the calling thread's CPU time instead,
+# which a loaded machine cannot inflate by preempting it (ops then run in that one thread).
+TIMER = time.perf_counter
 MODELS = {  # name -> (builder(conv, n_codewords), input shape without batch)
     "resnet18-224": (lambda conv, n: resnet18(conv=conv, n_codewords=n, stem="imagenet"), (3, 224, 224)),
     "resnet18-cifar-32": (lambda conv, n: resnet18(num_classes=10, conv=conv, n_codewords=n, stem="cifar"),
@@ -57,6 +60,7 @@ TORCH_IMPLS = ["torch fp32 NCHW", "torch fp32 CL", "torch fp32 compiled", "torch
 SPARKS_IMPLS = ["sparks unfused", "sparks fused", "sparks fused compiled", "sparks fused bf16",
                 "xnor fused"]
 MARKER_BEGIN, MARKER_END = "<!-- whole-models -->", "<!-- /whole-models -->"
+TITLE = "## Whole models"
 
 
 def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -81,9 +85,9 @@ def time_call(fn, x, min_rounds: int, max_rounds: int, budget_s: float) -> dict:
         fn(x)
     times, start = [], time.perf_counter()
     while len(times) < max_rounds and (len(times) < min_rounds or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+        t0 = TIMER()
         fn(x)
-        times.append(time.perf_counter() - t0)
+        times.append(TIMER() - t0)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0, max(times)]
     return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "rounds": len(times)}
 
@@ -210,9 +214,9 @@ def time_in_turns(cases, min_rounds: int, max_rounds: int, budget_s: float, burs
         for impl, fn, x in cases:
             fn(x)
             for _ in range(burst - 1):
-                t0 = time.perf_counter()
+                t0 = TIMER()
                 fn(x)
-                times[impl].append(time.perf_counter() - t0)
+                times[impl].append(TIMER() - t0)
         done = min(len(t) for t in times.values())
         if done >= max_rounds or (done >= min_rounds and time.perf_counter() - start > budget_s):
             break
@@ -285,9 +289,10 @@ def markdown(data: dict, models, batches, agreement) -> str:
     res = data["results"]
     impls = [i for i in TORCH_IMPLS + SPARKS_IMPLS if any(k[2] == i for k in res)]
     amx = "amx" in sparks_ext.ops.cpu_kernels()
-    lines = [MARKER_BEGIN, "## Whole models", "",
+    lines = [MARKER_BEGIN, TITLE, "",
              f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs, {'AMX' if amx else 'no AMX'}); "
-             f"threads: {THREADS}; torch {torch.__version__}; sparks kernels: "
+             f"threads: {THREADS}; timer: {'CPU time of the thread' if TIMER is time.thread_time else 'wall clock'}; "
+             f"torch {torch.__version__}; sparks kernels: "
              f"{os.environ.get('SPARKS_CPU_KERNEL', 'auto')} of {'/'.join(sparks_ext.ops.cpu_kernels())}; "
              f"run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"`python benchmarks/bench_models.py`.", "",
@@ -387,7 +392,12 @@ def main():
                         help="markdown file whose whole-models section is (re)written; '' for none")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="1 thread, timed by its CPU time (robust to a loaded machine)")
     args = parser.parse_args()
+    global THREADS, TIMER
+    if args.cpu_time:
+        THREADS, TIMER = 1, time.thread_time
     torch.set_num_threads(THREADS)
     models = [SHORT[m] for m in args.models]
     if not args.no_compile:

@@ -46,7 +46,7 @@ from . import quantizers
 from .nn.binary import XnorConv2d
 from .nn.codebook import CodebookConv2d
 
-__all__ = ["fuse", "is_fusable_conv", "deploy_input"]
+__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input"]
 
 
 def is_fusable_conv(module: nn.Module) -> bool:

@@ -139,7 +139,7 @@ class BinaryConv2d(_LatentBinaryConv):
 class XnorConv2d(FusedTransform, _ConvGeometry):
     r"""Inference 1-bit convolution running :func:`sparks_ext.binary_conv2d`.
 
-    Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1; ``scale`` and ``bias``
+    Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1, channels_last; ``scale`` and ``bias``
     float32 (C_out,), cast to the input's dtype in ``forward``. ``forward(x, residual=None)``
     and the optional fused buffers ``threshold``, ``prelu_weight``, ``post_bias``: see
     :class:`~sparks_ext.nn.codebook.FusedTransform` (set by :func:`sparks_ext.convert`).
@@ -156,7 +156,10 @@ class XnorConv2d(FusedTransform, _ConvGeometry):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         kh, kw = self.kernel_size
-        self.register_buffer("weight", torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool))
+        # channels_last: the layout binary_conv2d packs without a per-call copy (copy_ and
+        # load_state_dict keep it)
+        weight = torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool)
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         self._init_fused_buffers()
