@@ -371,15 +371,16 @@ def write_section(path: pathlib.Path, section: str, notes: str = "") -> None:
     """Replaces the whole-models section of ``path`` (kept after report.py's analysis marker,
     which survives its regeneration), or appends it."""
     text = path.read_text() if path.exists() else ""
+    kept = notes
     if MARKER_BEGIN in text and MARKER_END in text:
         before, rest = text.split(MARKER_BEGIN, 1)
         old, after = rest.split(MARKER_END, 1)
         # A hand-written analysis after the generated part (below "<!-- notes -->") is kept.
-        kept = old.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in old else notes
-        section = section.replace(MARKER_END, ("<!-- notes -->" + kept if kept else "") + MARKER_END)
-        text = before + section + after.lstrip("\n")
+        kept = old.split("<!-- notes -->", 1)[1] if "<!-- notes -->" in old and not notes else notes
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        before, after = text.rstrip("\n") + "\n\n", ""
+    section = section.replace(MARKER_END, ("<!-- notes -->" + kept if kept else "") + MARKER_END)
+    text = before + section + after.lstrip("\n")
     path.write_text(text)
 
 
