@@ -46,7 +46,8 @@ _FUSED_DOC = r"""
             (-1). A NaN input or threshold gives -1 both ways. (With
             ``torch.set_flush_denormal(True)`` the CPU may compare subnormals as zero.)
         residual: ``Tensor[N, C_out, H_out, W_out]`` of the input's dtype and device, any
-            memory format (read by its strides), added after scale and bias.
+            memory format, added after scale and bias. The CPU reads it by its strides (fastest
+            laid out like the output); CUDA copies one laid out otherwise first.
         prelu_weight: ``Tensor[C_out]``: per-channel PReLU ``y if y >= 0 else prelu_weight[c] * y``
             after the residual (RPReLU ``PReLU(v - gamma) + zeta`` is ``bias - gamma``,
             ``prelu_weight``, ``post_bias = zeta``).

@@ -1,7 +1,8 @@
 """CUDA-specific tests of sparks::conv2d and sparks::binary_conv2d (all skipped without a GPU).
 
 The device-parametrised tests (test_conv2d.py, ...) already run the whole grid on CUDA against the
-reference. Here: CUDA results identical to the CPU op and to the exact epilogue arithmetic, both
+reference, and tests/test_fused_op.py runs the fused arguments (threshold, residual, PReLU,
+post_bias) on both CUDA code paths. Here: CUDA results identical to the CPU op and to the exact epilogue arithmetic, both
 CUDA code paths (tiled / tensor-core and the CUDA-core fallback, SPARKS_CUDA_PORTABLE=1), kernel
 tiling edges, torch.compile incl. CUDA graphs, no host synchronisation, the current stream, and
 the device-side value checks (in a subprocess: a device assert poisons the CUDA context).
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import sparks_ext
-from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
+from sparks_ext.reference import binary_conv2d_reference, conv2d_reference, output_transform_reference
 from cases import GRID, Case
 
 pytestmark = pytest.mark.skipif(
@@ -42,15 +43,10 @@ def path(request, monkeypatch):
 
 
 def _exact_epilogue(raw: torch.Tensor, dtype: torch.dtype, scale, bias) -> torch.Tensor:
-    """The CPU/CUDA epilogue on an exact integer result: opmath (float, double for float64),
-    multiply rounded, add rounded, one cast."""
-    opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    v = raw.to(opmath)
-    if scale is not None:
-        v = v * scale.cpu().to(opmath)[None, :, None, None]
-    if bias is not None:
-        v = v + bias.cpu().to(opmath)[None, :, None, None]
-    return v.to(dtype)
+    """The CPU/CUDA output transform on an exact integer result: opmath (float, double for
+    float64), multiply rounded, add rounded, one cast."""
+    return output_transform_reference(raw, dtype, scale.cpu() if scale is not None else None,
+                                      bias.cpu() if bias is not None else None)
 
 
 def _raw_codebook(case: Case, x, cb, idx):
@@ -121,6 +117,35 @@ def test_tiling_edges(case, path):
     assert torch.equal(out.cpu(), _exact_epilogue(_raw_codebook(case, x, cb, idx), x.dtype, scale, bias))
     out = sparks_ext.binary_conv2d(x, w, scale, bias, **case.conv_kwargs())
     assert torch.equal(out.cpu(), _exact_epilogue(_raw_dense(case, x, w), x.dtype, scale, bias))
+
+
+@pytest.mark.parametrize("case", [dataclasses.replace(c, dtype=dt, layout=lay) for c in EDGE_CASES
+                                  for dt, lay in ((torch.float32, "channels_last"),
+                                                  (torch.bfloat16, "contiguous"))],
+                         ids=lambda c: c.id)
+def test_fused_arguments_at_tiling_edges(case, path):
+    """threshold, residual (in the other memory format than the output), PReLU and post_bias at
+    the kernels' tiling edges: identical to the reference and to the CPU op."""
+    x = case.make_input("cuda")
+    cb, idx, w = case.make_codebook("cuda"), case.make_indices("cuda"), case.make_dense_weight("cuda")
+    scale, bias = case.make_scale_bias("cuda")
+    g = torch.Generator().manual_seed(5)
+    out_shape = sparks_ext.conv2d(x, cb, idx, **case.conv_kwargs()).shape
+    residual = (torch.randn(out_shape, generator=g) * 4).to(case.dtype)
+    if case.layout != "channels_last":
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    fused = dict(threshold=(torch.randn(case.in_channels, generator=g) * 0.5).to(case.dtype),
+                 residual=residual,
+                 prelu_weight=(torch.rand(case.out_channels, generator=g) - 0.3).to(case.dtype),
+                 post_bias=torch.randn(case.out_channels, generator=g).to(case.dtype))
+    on_gpu = {k: v.cuda() for k, v in fused.items()}
+    k = case.conv_kwargs()
+    out = sparks_ext.conv2d(x, cb, idx, scale, bias, **k, **on_gpu)
+    want = conv2d_reference(x.cpu(), cb.cpu(), idx.cpu(), scale.cpu(), bias.cpu(), **k, **fused)
+    assert torch.equal(out.cpu(), want)
+    out = sparks_ext.binary_conv2d(x, w, scale, bias, **k, **on_gpu)
+    want = binary_conv2d_reference(x.cpu(), w.cpu(), scale.cpu(), bias.cpu(), **k, **fused)
+    assert torch.equal(out.cpu(), want)
 
 
 def test_sign_of_zero_nan_and_inf():

@@ -161,6 +161,25 @@ def test_threshold_alone_is_integer_exact(case, device):
     assert torch.equal(got.cpu(), binary_conv2d_reference(x.cpu(), w.cpu(), **k, threshold=t.cpu()))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_fused_arguments_as_strided_views(layout, device):
+    """Per-channel arguments that are views with a stride (a slice of a parameter), and an
+    expanded (stride 0) residual, are read correctly."""
+    case = Case(in_channels=16, out_channels=24, n=32, layout=layout)
+    x = case.make_input(device)
+    cb, idx, w = case.make_codebook(device), case.make_indices(device), case.make_dense_weight(device)
+    fused = make_fused(case, x, FUSED + ("scale", "bias"))
+    views = {n: torch.stack([t, torch.full_like(t, 7.0)], dim=-1)[..., 0] for n, t in fused.items()
+             if n != "residual"}
+    assert all(v.stride(-1) == 2 for v in views.values())
+    views["residual"] = fused["residual"][:, :, :1, :1].expand_as(fused["residual"])
+    k = case.conv_kwargs()
+    want = conv2d_reference(x.cpu(), cb.cpu(), idx.cpu(), **k, **{n: v.cpu() for n, v in views.items()})
+    assert torch.equal(sparks_ext.conv2d(x, cb, idx, **k, **views).cpu(), want)
+    want = binary_conv2d_reference(x.cpu(), w.cpu(), **k, **{n: v.cpu() for n, v in views.items()})
+    assert torch.equal(sparks_ext.binary_conv2d(x, w, **k, **views).cpu(), want)
+
+
 # ---------------------------------------------------------------------------------------------
 # The threshold compare on edge values: x >= t against x - t >= 0.
 

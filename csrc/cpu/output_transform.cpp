@@ -47,8 +47,9 @@ struct RowOperands {
 
 // float32 / bfloat16 channels_last rows: per 16 channels one load of the sums (and of the
 // residual), the transform in float32 lanes, one store. Same operations, in the same order and
-// with the same roundings, as store_scalar.
-template <typename T>
+// with the same roundings, as store_scalar. kFused = false (no residual, PReLU or post_bias,
+// the plain op) leaves their tests out of the loop.
+template <typename T, bool kFused>
 SPARKS_AVX512 void store_rows_avx512(T* out, int64_t s_h, int64_t s_w, int64_t out_w,
                                      const int32_t* tile, int64_t ld, int64_t p0, int64_t rows,
                                      int64_t cols, const RowOperands<T>& op) {
@@ -65,13 +66,15 @@ SPARKS_AVX512 void store_rows_avx512(T* out, int64_t s_h, int64_t s_w, int64_t o
       __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, src + c));
       if (op.scale) v = _mm512_mul_ps(v, load_lanes(op.scale + c, m));
       if (op.bias) v = _mm512_add_ps(v, load_lanes(op.bias + c, m));
-      if (res) v = _mm512_add_ps(v, load_lanes(res + c, m));
-      if (op.prelu) {
-        // Lanes with y >= 0 keep y; the others (negative, and NaN) become slope * y.
-        const __mmask16 keep = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
-        v = _mm512_mask_mul_ps(v, static_cast<__mmask16>(~keep), v, load_lanes(op.prelu + c, m));
+      if (kFused) {
+        if (res) v = _mm512_add_ps(v, load_lanes(res + c, m));
+        if (op.prelu) {
+          // Lanes with y >= 0 keep y; the others (negative, and NaN) become slope * y.
+          const __mmask16 keep = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
+          v = _mm512_mask_mul_ps(v, static_cast<__mmask16>(~keep), v, load_lanes(op.prelu + c, m));
+        }
+        if (op.post) v = _mm512_add_ps(v, load_lanes(op.post + c, m));
       }
-      if (op.post) v = _mm512_add_ps(v, load_lanes(op.post + c, m));
       store_lanes(dst + c, m, v);
     }
   }
@@ -116,8 +119,10 @@ void OutputTransform::store_fast_rows(const int32_t* tile, int64_t ld, int64_t n
       op.r_w = residual_.stride(3);
     }
     const at::Tensor& o = output_;
-    store_rows_avx512<T>(data + n * o.stride(0) + co0, o.stride(2), o.stride(3), out_w_, tile, ld,
-                         p0, rows, cols, op);
+    const auto rows_fn = op.residual || op.prelu || op.post ? &store_rows_avx512<T, true>
+                                                            : &store_rows_avx512<T, false>;
+    rows_fn(data + n * o.stride(0) + co0, o.stride(2), o.stride(3), out_w_, tile, ld, p0, rows,
+            cols, op);
   };
   if (output_.scalar_type() == at::kBFloat16) return rows_of(output_.data_ptr<at::BFloat16>());
   return rows_of(output_.data_ptr<float>());
@@ -148,7 +153,7 @@ void OutputTransform::store_scalar(const OutputTransform& w, const int32_t* tile
   // Up to kChunk channels of one row at a time through an opmath buffer: each step is one
   // branch-free loop, which the compiler vectorizes for contiguous channels.
   constexpr int64_t kChunk = 64;
-  opmath_t y[kChunk];
+  opmath_t y[kChunk], z[kChunk];
   int64_t oh = p0 / w.out_w_, ow = p0 % w.out_w_;  // stepped, not divided, per row
   for (int64_t r = 0; r < rows; ++r, ++ow) {
     if (ow == w.out_w_) ow = 0, ++oh;
@@ -175,15 +180,21 @@ void OutputTransform::store_scalar(const OutputTransform& w, const int32_t* tile
           for (int64_t c = 0; c < m; ++c) y[c] = y[c] + static_cast<opmath_t>(res[(c0 + c) * r_c]);
         }
       }
-      if (prelu)
-        for (int64_t c = 0; c < m; ++c)
-          y[c] = y[c] >= opmath_t(0) ? y[c] : static_cast<opmath_t>(prelu[c0 + c]) * y[c];
+      opmath_t* v = y;
+      if (prelu) {
+        // Both sides computed and selected into another buffer: an unconditional store, so the
+        // compiler blends per lane instead of branching on the sign (which a random sign
+        // mispredicts half the time).
+        for (int64_t c = 0; c < m; ++c) z[c] = static_cast<opmath_t>(prelu[c0 + c]) * y[c];
+        for (int64_t c = 0; c < m; ++c) z[c] = y[c] >= opmath_t(0) ? y[c] : z[c];
+        v = z;
+      }
       if (post)
-        for (int64_t c = 0; c < m; ++c) y[c] = y[c] + static_cast<opmath_t>(post[c0 + c]);
+        for (int64_t c = 0; c < m; ++c) v[c] = v[c] + static_cast<opmath_t>(post[c0 + c]);
       if (s_c == 1) {
-        for (int64_t c = 0; c < m; ++c) dst[c0 + c] = static_cast<scalar_t>(y[c]);
+        for (int64_t c = 0; c < m; ++c) dst[c0 + c] = static_cast<scalar_t>(v[c]);
       } else {
-        for (int64_t c = 0; c < m; ++c) dst[(c0 + c) * s_c] = static_cast<scalar_t>(y[c]);
+        for (int64_t c = 0; c < m; ++c) dst[(c0 + c) * s_c] = static_cast<scalar_t>(v[c]);
       }
     }
   }

@@ -60,7 +60,7 @@ namespace {
 
 // input >= threshold[c] (or >= 0) as bool, compared in the input's dtype by ATen.
 at::Tensor ge_threshold(const at::Tensor& input, const at::Tensor& threshold) {
-  return threshold.defined() ? at::ge(input, threshold.view({1, -1, 1, 1})) : at::ge(input, 0);
+  return threshold.defined() ? at::ge(input, threshold.reshape({1, -1, 1, 1})) : at::ge(input, 0);
 }
 
 }  // namespace
@@ -127,8 +127,18 @@ SPARKS_AVX512 inline uint64_t pack_bytes_avx512(const uint8_t* b, int64_t count)
   return _mm512_test_epi8_mask(v, v);
 }
 
+// The thresholds of channels c .. c + 15: loaded (kThreshold), else 0.
+template <bool kThreshold>
+SPARKS_AVX512 inline __m512 thresholds(const float* t, int64_t c, __mmask16 m) {
+  if constexpr (kThreshold) return _mm512_maskz_loadu_ps(m, t + c);
+  (void)t, (void)c, (void)m;
+  return _mm512_setzero_ps();
+}
+
 // Bits x >= t of `count` <= 64 float32 channels (stride s_c), straight from the input: contiguous
-// loads for channels_last, gathers for NCHW; t holds the channels' thresholds (contiguous).
+// loads for channels_last, gathers for NCHW; t holds the channels' thresholds (contiguous; unread
+// without kThreshold, t = 0).
+template <bool kThreshold>
 SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, int64_t s_c,
                                                  const float* t) {
   const __m512i lanes = _mm512_mullo_epi32(
@@ -140,20 +150,21 @@ SPARKS_AVX512 inline uint64_t pack_floats_avx512(const float* x, int64_t count, 
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
     const __m512 v = s_c == 1 ? _mm512_maskz_loadu_ps(m, x + c)
                               : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, lanes, x + c * s_c, 4);
-    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, v, _mm512_maskz_loadu_ps(m, t + c), _CMP_GE_OQ)} << c;
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, v, thresholds<kThreshold>(t, c, m), _CMP_GE_OQ)} << c;
   }
   return word;
 }
 
 // Same for channels-contiguous bfloat16: widened to float32 exactly (a 16-bit shift), like its
 // bfloat16 thresholds, so that the float32 compare is the bfloat16 one.
+template <bool kThreshold>
 SPARKS_AVX512 inline uint64_t pack_bf16_avx512(const uint16_t* x, int64_t count, const float* t) {
   uint64_t word = 0;
   for (int64_t c = 0; c < count; c += 16) {
     const int64_t left = std::min<int64_t>(16, count - c);
     const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
     const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + c)), 16);
-    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(wide), _mm512_maskz_loadu_ps(m, t + c), _CMP_GE_OQ)} << c;
+    word |= uint64_t{_mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(wide), thresholds<kThreshold>(t, c, m), _CMP_GE_OQ)} << c;
   }
   return word;
 }
@@ -182,27 +193,31 @@ void pack_row_portable(const uint8_t* bytes, int64_t s_w, int64_t pixels, int64_
 }
 
 #if defined(__x86_64__)
+template <bool kThreshold>
 SPARKS_AVX512 void pack_row_avx512(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w,
                                    int64_t pixels, int64_t cin_g, int64_t words, const float* thr,
                                    uint64_t* out) {
   for (int64_t w = 0; w < pixels; ++w)
     for (int64_t k = 0; k < words; ++k) {
       const int64_t count = std::min<int64_t>(64, cin_g - 64 * k), at = w * s_w + 64 * k * s_c;
-      const float* t = thr + 64 * k;
+      const float* t = kThreshold ? thr + 64 * k : nullptr;
       out[w * words + k] =
-          type == at::kFloat      ? pack_floats_avx512(static_cast<const float*>(src) + at, count, s_c, t)
-          : type == at::kBFloat16 ? pack_bf16_avx512(static_cast<const uint16_t*>(src) + at, count, t)
+          type == at::kFloat ? pack_floats_avx512<kThreshold>(static_cast<const float*>(src) + at, count, s_c, t)
+          : type == at::kBFloat16 ? pack_bf16_avx512<kThreshold>(static_cast<const uint16_t*>(src) + at, count, t)
                                   : pack_bytes_avx512(static_cast<const uint8_t*>(src) + at, count);
     }
 }
 #endif
 
 // `src` holds 0/1 bytes (kBool), or float32 / bfloat16 values on the AVX-512 path, compared
-// with the thresholds `thr` of the row's channels.
+// with the thresholds `thr` of the row's channels (null: with 0).
 void pack_row(const void* src, at::ScalarType type, int64_t s_c, int64_t s_w, int64_t pixels,
               int64_t cin_g, int64_t words, Isa isa, const float* thr, uint64_t* out) {
 #if defined(__x86_64__)
-  if (isa >= Isa::kAvx512) return pack_row_avx512(src, type, s_c, s_w, pixels, cin_g, words, thr, out);
+  if (isa >= Isa::kAvx512) {
+    if (thr != nullptr) return pack_row_avx512<true>(src, type, s_c, s_w, pixels, cin_g, words, thr, out);
+    return pack_row_avx512<false>(src, type, s_c, s_w, pixels, cin_g, words, nullptr, out);
+  }
 #endif
   (void)isa;
   (void)s_c;
@@ -250,9 +265,9 @@ PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, c
                        (input.scalar_type() == at::kBFloat16 && input.stride(1) == 1));
   const at::Tensor src =
       direct ? input : ge_threshold(input, threshold).contiguous(at::MemoryFormat::ChannelsLast);
-  // The direct packers' float32 thresholds (exact for bfloat16), 0 without a threshold.
-  std::vector<float> thr(direct ? g.in_channels : 0, 0.0f);
-  if (direct && threshold.defined()) {
+  // The direct packers' float32 thresholds (exact for bfloat16); none for 0.
+  std::vector<float> thr(direct && threshold.defined() ? g.in_channels : 0);
+  if (!thr.empty()) {
     const at::Tensor t = threshold.to(at::kFloat).contiguous();
     std::copy(t.data_ptr<float>(), t.data_ptr<float>() + g.in_channels, thr.begin());
   }
@@ -281,7 +296,7 @@ PackedPixels pack_pixels(const at::Tensor& input, const at::Tensor& threshold, c
         if (!pad_row) {
           const int64_t offset = n * s_n + ih * s_h + grp * cin_g * s_c;
           pack_row(base + offset * item, type, s_c, s_w, g.in_w, cin_g, px.words, isa,
-                   direct ? thr.data() + grp * cin_g : nullptr, out + g.pad_w * px.words);
+                   thr.empty() ? nullptr : thr.data() + grp * cin_g, out + g.pad_w * px.words);
         }
         if (row_done) row_done(px, n, grp, h);
       }
