@@ -113,7 +113,8 @@ setup(
         "train": ["pillow", "scikit-learn"],
         "plot": ["matplotlib"],
         "examples": ["scikit-learn", "matplotlib"],
-        # python -m sparks_ext bench: the benchmark suite and its report's chart
-        "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+        # python -m sparks_ext bench and benchmarks/bench_models.py: the benchmark suites, the
+        # report's chart and the int8 PT2E baseline (torchao's X86InductorQuantizer)
+        "bench": ["pytest", "pytest-benchmark", "matplotlib", "torchao==0.18.*"],
     },
 )

@@ -2,8 +2,9 @@
 
 - ``demo``: trains a small Sparks network (0.56 bits per binary weight) on scikit-learn's 8x8
   digits, converts it, checks the converted outputs against the trained ones, saves it in the
-  compact format, and prints accuracy, bits per weight, file size, the summary table and a
-  latency comparison against the same network with float convolutions.
+  compact format, and prints accuracy (also deployed in bfloat16), bits per weight, file size,
+  the summary table and the fused model's latency against the same network with float
+  convolutions (median of many rounds after warm-up).
 - ``summary``: the per-layer table of the binary ResNet-18 at 224x224 and its BOPs for
   1-bit and n = 64 / 32 / 16.
 - ``powerlaw``: trains a 1-bit network on the digits and plots how often each of the 512 binary
@@ -46,17 +47,21 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass, after warm-up."""
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def _latencies_ms(models: dict, x: torch.Tensor, rounds: int, warmup: int = 5) -> dict:
+    """Median wall time (ms) of one forward pass of each model. The models take turns within
+    every round, so that a burst of load on a shared machine hits all of them alike, and the
+    median over many rounds ignores the bursts (a single timing varied 0.86x-3.57x)."""
+    times = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def _train(model, x, y, epochs: int, batch_size: int, lr: float, seed: int, quiet: bool):
@@ -114,18 +119,24 @@ def demo(args) -> int:
 
     with torch.no_grad():
         trained_logits = model(x_test)
+        # convert fuses by default: BatchNorm, RSign and RPReLU fold into the binary convs
         converted = convert(model)
         converted_logits = converted(x_test)
+        bf16_logits = convert(model, dtype=torch.bfloat16)(x_test).float()
     accuracy = _accuracy(trained_logits, y_test)
     diff = (converted_logits - trained_logits).abs().max().item()
+    relative = diff / trained_logits.abs().max().item()
     agree = (converted_logits.argmax(1) == trained_logits.argmax(1)).float().mean().item()
-    ok = torch.allclose(converted_logits, trained_logits, rtol=1e-4, atol=1e-4) and agree == 1.0
-    print(f"test accuracy: {100 * accuracy:.1f}% (converted model: "
-          f"{100 * _accuracy(converted_logits, y_test):.1f}%)")
-    print(f"converted vs trained outputs: max |diff| {diff:.2e}, same predictions on "
-          f"{100 * agree:.1f}% -> {'OK' if ok else 'MISMATCH'}")
+    # Folding changes float rounding only (see sparks_ext.convert): the deployed model must
+    # make the trained model's prediction on every test image.
+    ok = agree == 1.0 and relative < 1e-3
+    print(f"test accuracy: {100 * accuracy:.1f}% (converted and fused: "
+          f"{100 * _accuracy(converted_logits, y_test):.1f}%, deployed in bfloat16: "
+          f"{100 * _accuracy(bf16_logits, y_test):.1f}%)")
+    print(f"fused vs trained outputs: max |diff| {diff:.2e} ({relative:.1e} of the largest logit), "
+          f"same predictions on {100 * agree:.1f}% -> {'OK' if ok else 'MISMATCH'}")
 
-    info = summary(converted, (1, 8, 8), name="SmallCNN (Sparks, converted)")
+    info = summary(converted, (1, 8, 8), name="SmallCNN (Sparks, converted and fused)")
     out = Path(args.out)
     size = save(converted, out)
     header_bytes = read_header(out)["header_bytes"]
@@ -144,16 +155,18 @@ def demo(args) -> int:
     print()
 
     # Latency does not depend on the weights' values: untrained float and 1-bit twins will do.
-    batch = x_test[: args.latency_batch]
+    # Every binary network is the fused deployment (convert's default).
+    batch = x_test[: args.latency_batch].contiguous(memory_format=torch.channels_last)
     repeats = args.latency_repeats
-    timings = {
-        "float": _latency_ms(SmallCNN(conv="float", width=args.width).eval(), batch, repeats),
-        "1-bit XNOR": _latency_ms(convert(SmallCNN(conv="binary", width=args.width).eval()), batch, repeats),
-        f"Sparks n={args.n_codewords}": _latency_ms(converted, batch, repeats),
-    }
+    sparks = f"Sparks n={args.n_codewords} fused"
+    timings = _latencies_ms({
+        "float": SmallCNN(conv="float", width=args.width).eval(),
+        "1-bit XNOR fused": convert(SmallCNN(conv="binary", width=args.width).eval()),
+        sparks: converted,
+    }, batch, repeats)
     print(f"latency of SmallCNN, batch {len(batch)}, {torch.get_num_threads()} threads, median of "
-          f"{repeats}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
-          + f" (Sparks vs float: {timings['float'] / timings[f'Sparks n={args.n_codewords}']:.2f}x)")
+          f"{repeats} rounds after warm-up: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
+          + f" (Sparks vs float: {timings['float'] / timings[sparks]:.2f}x)")
     return 0 if ok and exact else 1
 
 
@@ -265,7 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and batches")
     p.add_argument("--out", default="demo.spk", help="where to save the converted model (compact format)")
     p.add_argument("--latency-batch", type=int, default=256, help="batch size of the latency comparison")
-    p.add_argument("--latency-repeats", type=int, default=10, help="timed forward passes per network (median)")
+    p.add_argument("--latency-repeats", type=int, default=50,
+                   help="timed forward passes per network, taking turns after warm-up (median)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
     p = sub.add_parser("powerlaw", help="train a 1-bit CNN on digits and plot its kernel rank/frequency")

@@ -207,6 +207,8 @@ def _config(module: nn.Module) -> Optional[dict]:
 
 
 def _describe(module: nn.Module) -> Optional[dict]:
+    if _is_graph_module(module):
+        return _describe_graph(module)
     name = _class_name(module)
     if name is None:
         return None
@@ -216,10 +218,16 @@ def _describe(module: nn.Module) -> Optional[dict]:
             return None
         return {"class": name, "children": children}
     config = _config(module)
-    return None if config is None else {"class": name, "config": config}
+    if config is None:
+        return None
+    spec = {"class": name, "config": config}
+    overrides = _tensor_overrides(module)
+    return {**spec, "tensors": overrides} if overrides else spec
 
 
 def _build(spec: dict) -> nn.Module:
+    if spec.get("class") == GRAPH_CLASS:
+        return _build_graph(spec)
     cls = _resolve(spec["class"])
     if "children" in spec:
         model = cls()
@@ -227,7 +235,10 @@ def _build(spec: dict) -> nn.Module:
             model.add_module(name, _build(child))
         return model
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
-    return convert(cls(**config), inplace=True)
+    module = convert(cls(**config), inplace=True, fuse=False)
+    for name, tensor_spec in spec.get("tensors", {}).items():
+        _place(module, name, _empty_tensor(tensor_spec))
+    return module
 
 
 def _signature(state: dict) -> dict:
@@ -251,12 +262,19 @@ def _architecture(model: nn.Module, state: dict) -> Optional[dict]:
 def _check_spec(spec, where: str, depth: int = 0) -> None:
     """The architecture description's shape, before any class is looked up: a tree of
     {"class": str, "children": [[name, spec], ...]} and {"class": str, "config": {str: value}}
-    nodes, values JSON scalars or lists of them, at most _MAX_DEPTH deep."""
+    nodes (a layer's node may add "tensors": {path: tensor spec}, the tensors a fused or deployed
+    layer holds beyond its constructor's), and fused graphs' {"class": GRAPH_CLASS, "name",
+    "training", "modules": {target: spec}, "attrs": {target: tensor spec}, "graph": [node, ...]};
+    values JSON scalars or lists of them, at most _MAX_DEPTH deep."""
     bad = f"{where} is corrupted: cannot rebuild its architecture (malformed architecture)"
     if depth > _MAX_DEPTH:
         raise ValueError(f"{bad}: nested deeper than {_MAX_DEPTH}")
+    if isinstance(spec, dict) and spec.get("class") == GRAPH_CLASS:
+        _check_graph_spec(spec, where, depth, bad)
+        return
+    keys = set(spec) if isinstance(spec, dict) else set()
     if not (isinstance(spec, dict) and isinstance(spec.get("class"), str)
-            and ("children" in spec) != ("config" in spec) and len(spec) == 2):
+            and keys in ({"class", "children"}, {"class", "config"}, {"class", "config", "tensors"})):
         raise ValueError(f"{bad}: a node must be {{'class': name, 'children' or 'config': ...}}")
     if "children" in spec:
         children = spec["children"]
@@ -272,6 +290,31 @@ def _check_spec(spec, where: str, depth: int = 0) -> None:
             isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(i, scalar) for i in v))
             for v in config.values())):
         raise ValueError(f"{bad}: 'config' must map argument names to JSON scalars or lists")
+    tensors = spec.get("tensors", {})
+    if not (isinstance(tensors, dict) and all(_is_tensor_spec(t) for t in tensors.values())):
+        raise ValueError(f"{bad}: 'tensors' must map names to [dtype, shape, channels_last, is_parameter]")
+
+
+def _is_tensor_spec(t) -> bool:
+    return (isinstance(t, list) and len(t) == 4 and t[0] in _DTYPES and isinstance(t[1], list)
+            and len(t[1]) <= 8 and all(_is_int(d) and d >= 0 for d in t[1])
+            and isinstance(t[2], bool) and isinstance(t[3], bool))
+
+
+def _check_graph_spec(spec: dict, where: str, depth: int, bad: str) -> None:
+    if set(spec) != {"class", "name", "training", "modules", "attrs", "graph"}:
+        raise ValueError(f"{bad}: a graph node must have exactly class, name, training, modules, attrs and graph")
+    modules, attrs, graph = spec["modules"], spec["attrs"], spec["graph"]
+    if not (isinstance(spec["name"], str) and isinstance(spec["training"], bool)
+            and isinstance(modules, dict) and isinstance(attrs, dict) and isinstance(graph, list)):
+        raise ValueError(f"{bad}: a graph's name, training, modules, attrs or graph has the wrong type")
+    if not all(_is_tensor_spec(t) for t in attrs.values()):
+        raise ValueError(f"{bad}: a graph's 'attrs' must map names to tensor specs")
+    if not all(isinstance(n, list) and len(n) == 5 and all(isinstance(v, str) for v in n[:3])
+               and isinstance(n[4], dict) for n in graph):
+        raise ValueError(f"{bad}: a graph node must be [name, op, target, args, kwargs]")
+    for child in modules.values():
+        _check_spec(child, where, depth + 1)
 
 
 def _build_on_meta(spec, where: str) -> nn.Module:
@@ -320,7 +363,7 @@ def save(model: nn.Module, path: PathLike) -> int:
     payload = b"".join(blobs)
     header = {"format": "sparks_ext", "version": VERSION, "model": type(model).__name__,
               "architecture": _architecture(model, state), "tensors": entries,
-              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+              "deploy": _deploy_options(model), "payload_sha256": hashlib.sha256(payload).hexdigest()}
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREAMBLE.pack(MAGIC, VERSION, len(header_bytes), len(payload)) + header_bytes + payload
     data = body + _CRC.pack(zlib.crc32(body))
@@ -507,7 +550,9 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *,
     inference model: BatchNorm uses its stored statistics; call ``.train()`` to fine-tune).
 
     With ``model`` (the architecture, trained or not), loads into it, converting it in place
-    first if it holds trainable layers, and returns it; tensors keep the model's devices. Without
+    first if it holds trainable layers, as the saved model was (fused in eval mode and in the
+    deployed dtype, if it was), and returns it (the fused form, if so); tensors keep the model's
+    devices. Without
     it, rebuilds the architecture recorded in the file (models made of ``torch.nn`` and
     ``sparks_ext`` layers) on the CPU.
 
@@ -531,7 +576,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *,
     elif not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     elif any(is_trainable_layer(m) for m in model.modules()):
-        model = convert(model, inplace=True)
+        model = _convert_like(model, header.get("deploy"))
     _check_match(entries, model.state_dict(), where)
     state = _decode_all(entries, payload, where)
     if spec is not None:
@@ -539,3 +584,231 @@ def load(path: PathLike, model: Optional[nn.Module] = None, *,
     else:
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused models (sparks_ext.convert(..., fuse=True) returns a torch.fx.GraphModule): the graph is
+# stored as data, a list of nodes whose call targets come from the allow-lists below (and whose
+# called modules are described like any other layer); loading builds the graph from them and
+# never imports or runs anything the file names.
+
+GRAPH_CLASS = "torch.fx.GraphModule"
+
+
+def _is_graph_module(module: nn.Module) -> bool:
+    import torch.fx as fx
+    return isinstance(module, fx.GraphModule)
+
+
+def _graph_functions() -> dict:
+    import operator
+    import torch.nn.functional as F
+    from . import fuse, quantizers
+    functions = {
+        "getattr": getattr,
+        **{f"operator.{n}": getattr(operator, n) for n in (
+            "add", "sub", "mul", "truediv", "floordiv", "neg", "getitem", "iadd", "isub", "imul",
+            "matmul", "pow")},
+        **{f"torch.{n}": getattr(torch, n) for n in (
+            "add", "sub", "mul", "div", "neg", "flatten", "reshape", "cat", "stack", "relu",
+            "sigmoid", "tanh", "sign", "where", "clamp", "mean", "sum", "squeeze", "unsqueeze",
+            "transpose", "permute", "matmul", "softmax")},
+        **{f"torch.nn.functional.{n}": getattr(F, n) for n in (
+            "relu", "relu6", "hardtanh", "prelu", "leaky_relu", "gelu", "silu", "sigmoid",
+            "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "linear", "conv2d", "batch_norm",
+            "softmax", "log_softmax", "pad", "interpolate", "dropout")},
+        "sparks_ext.fuse.deploy_input": fuse.deploy_input,
+        "sparks_ext.quantizers.sign": quantizers.sign,
+        "sparks_ext.quantizers.sign_ste": quantizers.sign_ste,
+        "sparks_ext.quantizers.approx_sign": quantizers.approx_sign,
+    }
+    return functions
+
+
+_GRAPH_METHODS = frozenset((
+    "add", "sub", "mul", "div", "neg", "flatten", "view", "reshape", "to", "float", "contiguous",
+    "size", "dim", "mean", "sum", "squeeze", "unsqueeze", "transpose", "permute", "expand",
+    "expand_as", "type_as", "clamp", "sign", "relu", "sigmoid", "tanh", "detach", "clone",
+    "chunk", "split", "softmax", "matmul", "pow"))
+_MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous_format": torch.contiguous_format,
+                   "preserve_format": torch.preserve_format}
+
+
+def _encode_arg(arg):
+    import torch.fx as fx
+    if isinstance(arg, fx.Node):
+        return {"node": arg.name}
+    if isinstance(arg, bool) or arg is None or isinstance(arg, (int, float, str)):
+        return arg
+    if isinstance(arg, tuple):
+        return {"tuple": [_encode_arg(a) for a in arg]}
+    if isinstance(arg, list):
+        return [_encode_arg(a) for a in arg]
+    if isinstance(arg, slice):
+        return {"slice": [_encode_arg(arg.start), _encode_arg(arg.stop), _encode_arg(arg.step)]}
+    if isinstance(arg, torch.dtype) and arg in _DTYPES.values():
+        return {"dtype": str(arg).removeprefix("torch.")}
+    if isinstance(arg, torch.memory_format):
+        return {"memory_format": next(k for k, v in _MEMORY_FORMATS.items() if v == arg)}
+    if arg is Ellipsis:
+        return {"ellipsis": True}
+    raise TypeError(f"cannot store argument {arg!r}")
+
+
+def _decode_arg(arg, nodes: dict):
+    if isinstance(arg, bool) or arg is None or isinstance(arg, (int, float, str)):
+        return arg
+    if isinstance(arg, list):
+        return [_decode_arg(a, nodes) for a in arg]
+    if isinstance(arg, dict) and len(arg) == 1:
+        (kind, value), = arg.items()
+        if kind == "node" and value in nodes:
+            return nodes[value]
+        if kind == "tuple" and isinstance(value, list):
+            return tuple(_decode_arg(a, nodes) for a in value)
+        if kind == "slice" and isinstance(value, list) and len(value) == 3:
+            return slice(*(_decode_arg(a, nodes) for a in value))
+        if kind == "dtype" and value in _DTYPES:
+            return _DTYPES[value]
+        if kind == "memory_format" and value in _MEMORY_FORMATS:
+            return _MEMORY_FORMATS[value]
+        if kind == "ellipsis" and value is True:
+            return Ellipsis
+    raise ValueError(f"bad graph argument {arg!r}")
+
+
+def _tensor_spec(t: torch.Tensor) -> list:
+    """[dtype, shape, channels_last, is_parameter]: what a rebuilt model needs to hold ``t``."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), channels_last, isinstance(t, nn.Parameter)]
+
+
+def _tensor_overrides(module: nn.Module) -> dict:
+    """The tensors of a layer that its constructor does not make as they are: the buffers a
+    fused conv gained (threshold, prelu_weight, post_bias), floating tensors of a deployed
+    dtype other than float32, channels_last weights. (A bias from a folded BatchNorm needs
+    none: ``bias=True`` is read back from the layer.)"""
+    from .nn.codebook import FUSED_BUFFERS
+    overrides = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        spec = _tensor_spec(t)
+        if name.rpartition(".")[2] in FUSED_BUFFERS or spec[2] or (t.is_floating_point() and t.dtype != torch.float32):
+            overrides[name] = spec
+    return overrides
+
+
+def _describe_graph(gm) -> Optional[dict]:
+    """The graph of a fused model as data, or None if a node calls something off the lists."""
+    names = {fn: name for name, fn in _graph_functions().items()}
+    nodes, modules, attrs = [], {}, {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_function":
+            if target not in names:
+                return None
+            target = names[target]
+        elif node.op == "call_method" and target not in _GRAPH_METHODS:
+            return None
+        elif node.op == "call_module" and target not in modules:
+            modules[target] = _describe(gm.get_submodule(target))
+            if modules[target] is None:
+                return None
+        elif node.op == "get_attr":
+            value = gm
+            for part in target.split("."):
+                value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                return None
+            attrs[target] = _tensor_spec(value)
+        try:
+            nodes.append([node.name, node.op, target, _encode_arg(node.args),
+                          {k: _encode_arg(v) for k, v in node.kwargs.items()}])
+        except TypeError:
+            return None
+    return {"class": GRAPH_CLASS, "name": type(gm).__name__, "training": gm.training,
+            "modules": modules, "attrs": attrs, "graph": nodes}
+
+
+def _empty_tensor(spec) -> torch.Tensor:
+    dtype_name, shape, channels_last, is_parameter = spec
+    t = torch.zeros(tuple(int(s) for s in shape), dtype=_DTYPES[dtype_name])
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return nn.Parameter(t, requires_grad=t.is_floating_point()) if is_parameter else t
+
+
+def _place(root: nn.Module, path: str, value) -> None:
+    """Sets the module or tensor ``value`` at the dotted ``path`` under ``root``, creating
+    empty parent modules; a tensor replaces what is there (a fused layer's optional buffers,
+    a deployed dtype or layout)."""
+    *parents, attr = path.split(".")
+    owner = root
+    for part in parents:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(value, nn.Module):
+        owner.add_module(attr, value)
+    elif isinstance(value, nn.Parameter):
+        owner._buffers.pop(attr, None)
+        owner.register_parameter(attr, value)
+    else:
+        owner._parameters.pop(attr, None)
+        owner.register_buffer(attr, value)
+
+
+def _build_graph(spec: dict) -> nn.Module:
+    import torch.fx as fx
+    functions = _graph_functions()
+    root = nn.Module()
+    for target, module_spec in spec["modules"].items():
+        _place(root, target, _build(module_spec))
+    for target, tensor_spec in spec["attrs"].items():
+        _place(root, target, _empty_tensor(tensor_spec))
+    graph, nodes = fx.Graph(), {}
+    for name, op, target, args, kwargs in spec["graph"]:
+        if op == "call_function":
+            if target not in functions:
+                raise ValueError(f"the file's graph calls {target!r}, which is not on the list of "
+                                 f"functions a stored graph may call")
+            target = functions[target]
+        elif op == "call_method" and target not in _GRAPH_METHODS:
+            raise ValueError(f"the file's graph calls the method {target!r}, which is not on the "
+                             f"list of methods a stored graph may call")
+        elif op == "call_module" and target not in spec["modules"]:
+            raise ValueError(f"the file's graph calls the module {target!r}, which it does not describe")
+        elif op == "get_attr" and target not in spec["attrs"]:
+            raise ValueError(f"the file's graph reads {target!r}, which it does not describe")
+        elif op not in ("placeholder", "output", "call_function", "call_method", "call_module", "get_attr"):
+            raise ValueError(f"bad graph node kind {op!r}")
+        if not isinstance(name, str) or name in nodes:
+            raise ValueError(f"bad graph node name {name!r}")
+        nodes[name] = graph.create_node(op, target, _decode_arg(args, nodes),
+                                        {k: _decode_arg(v, nodes) for k, v in kwargs.items()}, name)
+    graph.lint()
+    gm = fx.GraphModule(root, graph, str(spec.get("name", "GraphModule")))
+    gm.train(bool(spec.get("training", False)))
+    return gm
+
+
+def _deploy_options(model: nn.Module) -> dict:
+    """How ``model`` was converted, for ``load(path, model=...)`` to convert a trained
+    architecture the same way: fused (a graph inside), and the deployed dtype if not float32."""
+    import torch.fx as fx
+    fused = any(isinstance(m, fx.GraphModule) for m in model.modules())
+    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    return {"fuse": fused, "dtype": None if dtype in (None, torch.float32) else str(dtype).removeprefix("torch.")}
+
+
+def _convert_like(model: nn.Module, options: Optional[dict]) -> nn.Module:
+    """Converts a trained ``model`` in place with the options recorded by :func:`_deploy_options`
+    (files written before they were recorded: unfused)."""
+    options = options if isinstance(options, dict) else {}
+    dtype = _DTYPES.get(options.get("dtype")) if options.get("dtype") is not None else None
+    fuse = options.get("fuse") is True
+    if fuse:
+        model.eval()  # the file holds an eval-mode fusion: BatchNorms folded with running stats
+    return convert(model, inplace=True, fuse=fuse, dtype=dtype)

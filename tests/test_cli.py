@@ -33,8 +33,9 @@ def test_demo_end_to_end(tmp_path):
     loaded = sparks_ext.load(out, sparks_ext.models.SmallCNN(conv="sparks", n_codewords=32, width=16))
     assert sum(isinstance(m, sparks_ext.nn.CodebookConv2d) for m in loaded.modules()) == 4
     assert "CodebookConv2d" in text and "OPs = BOPs/64 + FLOPs" in text
-    assert re.search(r"latency of SmallCNN, batch 32, \d+ threads, median of 3: float [\d.]+ ms, "
-                     r"1-bit XNOR [\d.]+ ms, Sparks n=32 [\d.]+ ms", text)
+    assert re.search(r"latency of SmallCNN, batch 32, \d+ threads, median of 3 rounds after warm-up: "
+                     r"float [\d.]+ ms, 1-bit XNOR fused [\d.]+ ms, Sparks n=32 fused [\d.]+ ms", text)
+    assert re.search(r"deployed in bfloat16: [\d.]+%", text)
 
 
 def test_summary_command(capsys):

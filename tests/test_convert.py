@@ -32,7 +32,7 @@ def test_generic_pass_replaces_nested_layers_on_a_copy():
     model = _net().eval()
     x = torch.randn(2, 3, 6, 6)
     expected = model(x)
-    converted = sparks_ext.convert(model)
+    converted = sparks_ext.convert(model, fuse=False)
     assert converted is not model and isinstance(model[1], _Trainable)  # original untouched
     assert isinstance(converted[1], CodebookConv2d) and isinstance(converted[2][1], CodebookConv2d)
     assert converted[2][1].n_codewords == 32
@@ -43,7 +43,7 @@ def test_generic_pass_replaces_nested_layers_on_a_copy():
 def test_inplace_and_modes():
     model = _net()
     model[2].eval()
-    out = sparks_ext.convert(model, inplace=True)
+    out = sparks_ext.convert(model, inplace=True, fuse=False)
     assert out is model and isinstance(model[1], CodebookConv2d)
     assert model[1].training and not model[2][1].training  # each layer keeps its mode
     layer = _Trainable(4, 4)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import IntOrPair, _pair, binary_conv2d
 from ..quantizers import sign, sign_ste
-from .codebook import CodebookConv2d, most_frequent_codebook, nearest_codeword
+from .codebook import CodebookConv2d, FusedTransform, most_frequent_codebook, nearest_codeword
 
 __all__ = ["BinaryConv2d", "XnorConv2d"]
 
@@ -136,12 +136,16 @@ class BinaryConv2d(_LatentBinaryConv):
         return codebook_layer(self, codebook, nearest_codeword(self.weight, codebook))
 
 
-class XnorConv2d(_ConvGeometry):
+class XnorConv2d(FusedTransform, _ConvGeometry):
     r"""Inference 1-bit convolution running :func:`sparks_ext.binary_conv2d`.
 
-    Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1; ``scale`` and ``bias``
-    float32 (C_out,), cast to the input's dtype in ``forward``.
+    Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1, channels_last; ``scale`` and ``bias``
+    float32 (C_out,), cast to the input's dtype in ``forward``. ``forward(x, residual=None)``
+    and the optional fused buffers ``threshold``, ``prelu_weight``, ``post_bias``: see
+    :class:`~sparks_ext.nn.codebook.FusedTransform` (set by :func:`sparks_ext.convert`).
     """
+
+    pad_value = 0.0
 
     n_codewords = None
     bits_per_weight = 1.0
@@ -152,13 +156,19 @@ class XnorConv2d(_ConvGeometry):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         kh, kw = self.kernel_size
-        self.register_buffer("weight", torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool))
+        # channels_last: the layout binary_conv2d packs without a per-call copy (copy_ and
+        # load_state_dict keep it)
+        weight = torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool)
+        self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
         self.register_buffer("scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self._init_fused_buffers()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return binary_conv2d(x, self.weight, self.scale.to(x.dtype), bias, *self._geometry())
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._apply_transform(binary_conv2d, x, residual, self.weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._fused_repr()
 
 
 def _fill_scale_bias(layer, trained):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -10,6 +11,61 @@ from ..ops import IntOrPair, _pair, conv2d
 from ..packing import kernels_to_ids, ids_to_kernels
 
 __all__ = ["CodebookConv2d", "most_frequent_codebook", "nearest_codeword"]
+
+FUSED_BUFFERS = ("threshold", "prelu_weight", "post_bias")
+
+
+def _as(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    # The dtype test is far cheaper than a no-op .to() call per buffer and per call.
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class FusedTransform:
+    """The optional input threshold and output transform of the library's inference convs,
+    which :func:`sparks_ext.convert` fills when it fuses a model (``fuse=True``)::
+
+        out = op(x >= threshold ? +1 : -1) * scale + bias      # the conv (threshold None -> 0)
+        out = out + residual                                    # forward(x, residual)
+        out = where(out >= 0, out, prelu_weight * out)          # per-channel PReLU
+        out = out + post_bias
+
+    ``threshold`` (C_in,), ``prelu_weight`` and ``post_bias`` (C_out,) are buffers that are
+    ``None`` (absent from the state dict) until set; the op applies all of it in its epilogue,
+    rounding once. A residual the op cannot take (another shape: a broadcasting add) is added
+    after the op, exactly as written, with the rest of the transform in torch.
+    """
+
+    def _init_fused_buffers(self) -> None:
+        for name in FUSED_BUFFERS:
+            self.register_buffer(name, None)
+
+    def _output_size(self, x: torch.Tensor) -> tuple:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (x.shape[0], self.out_channels, (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def _apply_transform(self, op, x: torch.Tensor, residual: Optional[torch.Tensor], *args) -> torch.Tensor:
+        dtype = x.dtype
+        scale, bias = _as(self.scale, dtype), _as(self.bias, dtype)
+        threshold = _as(self.threshold, dtype)
+        prelu_weight, post_bias = _as(self.prelu_weight, dtype), _as(self.post_bias, dtype)
+        if residual is None or (residual.dim() == 4 and residual.shape == self._output_size(x)):
+            if threshold is None and residual is None and prelu_weight is None and post_bias is None:
+                return op(x, *args, scale, bias, *self._geometry_args())  # the plain op's schema
+            return op(x, *args, scale, bias, *self._geometry_args(), threshold=threshold,
+                      residual=residual, prelu_weight=prelu_weight, post_bias=post_bias)
+        out = op(x, *args, scale, bias, *self._geometry_args(), threshold=threshold)
+        out = out + residual
+        if prelu_weight is not None:
+            out = torch.where(out >= 0, out, prelu_weight[:, None, None] * out)
+        return out if post_bias is None else out + post_bias[:, None, None]
+
+    def _geometry_args(self) -> tuple:
+        return self.stride, self.padding, self.dilation, self.groups, self.pad_value
+
+    def _fused_repr(self) -> str:
+        parts = [name for name in FUSED_BUFFERS if getattr(self, name) is not None]
+        return f", fused={'+'.join(parts)}" if parts else ""
 
 
 def most_frequent_codebook(weight: torch.Tensor, n_codewords: int) -> torch.Tensor:
@@ -32,7 +88,7 @@ def nearest_codeword(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
     return scores.argmax(dim=-1)
 
 
-class CodebookConv2d(nn.Module):
+class CodebookConv2d(FusedTransform, nn.Module):
     r"""Inference convolution whose kernels are indices into a small binary codebook.
 
     ``forward(x) = sparks_ext.conv2d(x, codebook, indices, scale, bias, ...)``: the input is
@@ -43,6 +99,10 @@ class CodebookConv2d(nn.Module):
     uint8 for n <= 256 (else int32), stored transposed (the kernel's layout; ``copy_`` into it
     keeps that); ``scale`` and ``bias`` float32 (C_out,) (cast to the input's dtype in
     ``forward``). Build one from a trained ``nn.Conv2d`` with :meth:`from_conv2d`.
+
+    ``forward(x, residual=None)``: the optional fused input threshold and output transform
+    (``threshold``, ``residual``, ``prelu_weight``, ``post_bias``) are described in
+    :class:`FusedTransform`; :func:`sparks_ext.convert` sets them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
@@ -70,6 +130,7 @@ class CodebookConv2d(nn.Module):
         self.register_buffer("indices", torch.zeros(in_channels // groups, out_channels, dtype=index_dtype).t())
         self.register_buffer("scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self._init_fused_buffers()
 
     @property
     def n_codewords(self) -> int:
@@ -80,10 +141,8 @@ class CodebookConv2d(nn.Module):
         """Index storage per weight: log2(n) / (kh * kw) (0.56 for n = 32, 3x3)."""
         return math.log2(self.n_codewords) / (self.kernel_size[0] * self.kernel_size[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return conv2d(x, self.codebook, self.indices, self.scale.to(x.dtype), bias,
-                      self.stride, self.padding, self.dilation, self.groups, self.pad_value)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._apply_transform(conv2d, x, residual, self.codebook, self.indices)
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, n_codewords: int, pad_value: float = 0.0) -> "CodebookConv2d":
@@ -126,4 +185,4 @@ class CodebookConv2d(nn.Module):
             s += f", pad_value={self.pad_value:g}"
         if self.bias is None:
             s += ", bias=False"
-        return s
+        return s + self._fused_repr()

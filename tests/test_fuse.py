@@ -1,0 +1,454 @@
+"""convert(fuse=True): BatchNorm, RSign / sign thresholds, residual adds and RPReLU folded into
+the binary convs, by structure; fused against unfused on every model and on hand-built blocks;
+bf16 deployment; compile, export, save/load and summary of fused models.
+
+Tolerances. Folding changes only the order of float arithmetic: a folded BatchNorm computes
+acc * (s k) + ((b - m) k + beta) with folded constants rounded once, instead of normalizing
+acc * s + b. Within one layer that is a few ulps of the largest term, so float32 single-layer
+checks use 64 ulps of the output's largest magnitude. Across layers, a value within those ulps
+of the next binarization's threshold can flip its sign, which is not a rounding-sized change;
+so whole networks are compared in float64 (``_fused64``: the unfused model cast to float64,
+then fused, so that the folded constants are float64 too), where a flip would need a value
+within ~1e-15 of a threshold, with 1e-9 relative tolerance (a million float64 ulps of margin
+for the sums), and in float32 by top-1 agreement, as deployed.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sparks_ext
+from sparks_ext.fuse import fuse, is_fusable_conv
+from sparks_ext.models import BasicBlock, SmallCNN, resnet18
+from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d, XnorConv2d
+from sparks_ext.quantizers import BinaryActivation, LearnableBias, RPReLU, RSign
+
+F32_ULPS = 64 * torch.finfo(torch.float32).eps
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and affine parameters, RSign thresholds, RPReLU shifts and
+    slopes (and PReLU slopes of either sign), as after training; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=g))
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            elif isinstance(m, nn.PReLU):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith(("threshold", "shift_in.bias", "shift_out.bias")) or name.endswith(".b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _fused64(model: nn.Module):
+    """(unfused, fused) float64 forms of a trained model."""
+    unfused = sparks_ext.convert(model, fuse=False).double()
+    return unfused, fuse(unfused)
+
+
+def _assert_close64(got, expected):
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-9 * scale
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def ops_called(model, x) -> list:
+    """The ATen / sparks ops one forward pass runs (metadata-only ops such as views left out)."""
+    log = _OpLog()
+    with torch.inference_mode(), log:
+        model(x)
+    views = {"view", "_unsafe_view", "t", "expand", "as_strided", "unsqueeze", "slice", "select",
+             "detach", "alias", "reshape", "_to_copy", "permute", "transpose"}
+    return [op for op in log.ops if op.removeprefix("aten.") not in views]
+
+
+# --- hand-built blocks -------------------------------------------------------------------------
+
+def _binary(kind, c_in, c_out, stride=1, groups=1, n=16, bias=False):
+    if kind == "sparks":
+        return SparksConv2d(c_in, c_out, 3, n, stride, 1, groups=groups, bias=bias)
+    return BinaryConv2d(c_in, c_out, 3, stride, 1, groups=groups, bias=bias)
+
+
+KINDS = ["sparks", "binary"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stride,groups,bias", [(1, 1, False), (2, 1, True), (1, 4, False), (2, 2, True)])
+def test_conv_batchnorm_rpre_lu_is_one_call(kind, stride, groups, bias):
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(RSign(8), _binary(kind, 8, 16, stride, groups, bias=bias),
+                                    nn.BatchNorm2d(16), RPReLU(16)))
+    x = torch.randn(4, 8, 9, 9)
+    fused = sparks_ext.convert(model)
+    assert isinstance(fused, nn.Sequential)  # still a chain of its layers
+    assert [type(m) for m in fused] == [nn.Identity, CodebookConv2d if kind == "sparks" else XnorConv2d,
+                                        nn.Identity, nn.Identity]
+    conv = fused[1]
+    assert conv.threshold is not None and conv.prelu_weight is not None and conv.post_bias is not None
+    assert ops_called(fused, x) == ["sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"]
+    with torch.no_grad():
+        expected = model(x)
+        got = fused(x)
+    # One layer, no binarization in between: only rounding of the folded constants.
+    assert (got - expected).abs().max().item() <= F32_ULPS * expected.abs().max().item()
+    unfused, fused64 = _fused64(model)
+    _assert_close64(fused64(x.double()), unfused(x.double()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stride,c_in,c_out", [(1, 16, 16), (2, 16, 32), (1, 16, 32)])
+def test_library_basic_block(kind, stride, c_in, c_out):
+    torch.manual_seed(1)
+    block = BasicBlock(c_in, c_out, stride, conv=kind, n_codewords=16 if kind == "sparks" else None)
+    model = randomize(nn.Sequential(block))
+    x = torch.randn(3, c_in, 8, 8)
+    fused = sparks_ext.convert(model)
+    assert isinstance(fused, fx.GraphModule)  # residuals: a graph
+    ops = ops_called(fused, x)
+    op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
+    shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + ["aten.conv2d"]
+    assert sorted(ops) == sorted([op, op] + shortcut)  # one call per conv, BN folded in the shortcut
+    convs = [m for m in fused.modules() if is_fusable_conv(m)]
+    assert all(m.threshold is not None and m.prelu_weight is not None for m in convs)
+    unfused, fused64 = _fused64(model)
+    _assert_close64(fused64(x.double()), unfused(x.double()))
+    with torch.no_grad():
+        assert torch.equal(fused(x).argmax(1), model(x).argmax(1))
+
+
+class Shift(nn.Module):
+    """A user's LearnableBias: adds a per-channel parameter by broadcasting a view."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return x + self.b.view(1, -1, 1, 1)
+
+
+class Sign(nn.Module):
+    def forward(self, x):
+        return torch.sign(x)
+
+
+class UserBlock(nn.Module):
+    """A user's own ReActNet block: their pieces, their forward."""
+
+    def __init__(self, c, kind):
+        super().__init__()
+        self.move = Shift(c)
+        self.conv = _binary(kind, c, c)
+        self.norm = nn.BatchNorm2d(c)
+        self.act = nn.PReLU(c)
+        self.move_out = Shift(c)
+
+    def forward(self, x):
+        y = self.norm(self.conv(torch.sign(self.move(x))))
+        return self.move_out(self.act(y + x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_users_sequential_and_block_are_fused(kind):
+    torch.manual_seed(2)
+    seq = randomize(nn.Sequential(Shift(8), Sign(), _binary(kind, 8, 8), nn.BatchNorm2d(8), nn.PReLU(),
+                                  Shift(8), BinaryActivation(), _binary(kind, 8, 8), nn.BatchNorm2d(8)))
+    block = randomize(nn.Sequential(UserBlock(8, kind), UserBlock(8, kind)))
+    op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
+    x = torch.randn(2, 8, 6, 6)
+    for model in (seq, block):
+        fused = sparks_ext.convert(model)
+        assert ops_called(fused, x) == [op, op]
+        unfused, fused64 = _fused64(model)
+        _assert_close64(fused64(x.double()), unfused(x.double()))
+    fused = sparks_ext.convert(seq)
+    # Shift + sign -> threshold -b; PReLU() with one slope -> that slope on every channel; the
+    # Shift after it is the first conv's post_bias (the output side is fused first), so the
+    # second conv's input is a plain binarizer: dropped, threshold None (0).
+    assert torch.allclose(fused[2].prelu_weight, seq[4].weight.expand(8))
+    assert torch.allclose(fused[2].threshold, -seq[0].b.detach())
+    assert torch.allclose(fused[2].post_bias, seq[5].b.detach())
+    assert fused[7].threshold is None
+    assert [type(m).__name__ for m in fused].count("Identity") == 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_is_not_recognised_stays_and_stays_correct(kind):
+    torch.manual_seed(3)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_relu, self.conv_bn_train, self.shared, self.conv_broadcast = (
+                _binary(kind, 8, 8) for _ in range(4))
+            self.bn_train, self.bn = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+            self.gate = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            a = F.relu(self.conv_relu(x))                  # ReLU: not a PReLU, stays
+            b = self.bn_train(self.conv_bn_train(x))       # BatchNorm in training mode: stays
+            c = self.shared(x) + self.shared(torch.sign(x))  # one conv called twice: not rewritten
+            pooled = self.gate(x).mean((2, 3), keepdim=True)
+            d = self.bn(self.conv_broadcast(x)) + pooled   # a broadcasting residual: added after the op
+            e = torch.sign(x - 1.0)                        # a shifted sign that feeds no binary conv
+            return a + b + c + d + e.mean()
+
+    model = randomize(Odd())
+    model.bn_train.train()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        fused = sparks_ext.convert(model)
+        got = fused(x)
+    assert any(isinstance(m, nn.BatchNorm2d) and m.training for m in fused.modules())
+    assert isinstance(fused, fx.GraphModule)
+    assert fused.conv_broadcast.bias is not None and fused.conv_relu.bias is None
+    assert fused.shared.threshold is None
+    assert (got - expected).abs().max().item() <= F32_ULPS * expected.abs().max().item()
+
+
+def test_residual_the_op_cannot_take_is_added_after_it():
+    torch.manual_seed(4)
+    layer = sparks_ext.convert(SparksConv2d(4, 6, 3, 8, 1, 1))
+    layer.prelu_weight = torch.rand(6)
+    layer.post_bias = torch.randn(6)
+    x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 1, 1)
+    plain = copy.deepcopy(layer)
+    plain.prelu_weight = plain.post_bias = None
+    y = plain(x) + r
+    expected = torch.where(y >= 0, y, layer.prelu_weight[:, None, None] * y) + layer.post_bias[:, None, None]
+    assert torch.equal(layer(x, r), expected)
+    full = torch.randn(2, 6, 5, 5)
+    y = plain(x) + full
+    fused_ref = torch.where(y >= 0, y, layer.prelu_weight[:, None, None] * y) + layer.post_bias[:, None, None]
+    torch.testing.assert_close(layer(x, full), fused_ref, rtol=0, atol=F32_ULPS * fused_ref.abs().max().item())
+
+
+# --- every model ---------------------------------------------------------------------------------
+
+MODELS = {
+    "resnet18-imagenet": (lambda conv: resnet18(conv=conv, n_codewords=32 if conv == "sparks" else None), (3, 64, 64)),
+    "resnet18-cifar": (lambda conv: resnet18(num_classes=10, conv=conv, n_codewords=32 if conv == "sparks" else None,
+                                             stem="cifar"), (3, 32, 32)),
+    "smallcnn": (lambda conv: SmallCNN(conv=conv, n_codewords=32 if conv == "sparks" else None, width=16), (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_fused_against_unfused(name, kind):
+    torch.manual_seed(5)
+    build, shape = MODELS[name]
+    model = randomize(build(kind))
+    batch = 4 if name == "resnet18-imagenet" else 32
+    x = torch.randn(batch, *shape)
+    with torch.no_grad():
+        trained = model(x)
+        fused = sparks_ext.convert(model)
+        got = fused(x)
+    # top-1 of the trained model (eval mode) on every input, as deployed (float32)
+    assert torch.equal(got.argmax(1), trained.argmax(1))
+    binary = [m for m in fused.modules() if is_fusable_conv(m)]
+    assert len(binary) == 16 if name.startswith("resnet") else 4
+    ops = ops_called(fused, x)
+    assert ops.count("sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d") == len(binary)
+    assert "batch_norm" not in " ".join(ops) and "prelu" not in " ".join(ops) and "sign" not in ops
+    unfused, fused64 = _fused64(model)
+    _assert_close64(fused64(x.double()), unfused(x.double()))
+
+
+def test_digits_top1_and_bf16_deploy():
+    from digits_training import accuracy, digits, fit
+
+    data = digits()
+    torch.manual_seed(0)
+    model = SmallCNN(conv="sparks", n_codewords=32, width=16, conv_kwargs=dict(sinkhorn_iters=5))
+    fit(model, torch.optim.Adam(model.parameters(), lr=2e-2), data, epochs=2)
+    x_test = data[2]
+    with torch.no_grad():
+        trained = model(x_test)
+        fused = sparks_ext.convert(model)(x_test)
+        bf16_model = sparks_ext.convert(model, dtype=torch.bfloat16)
+        bf16 = bf16_model(x_test)
+    assert torch.equal(fused.argmax(1), trained.argmax(1))  # 100% of the test set
+    assert bf16.dtype == torch.bfloat16
+    acc, acc_bf16 = accuracy(model, data), (bf16.argmax(1) == data[3]).float().mean().item()
+    assert acc > 0.5
+    # bf16 rounds activations (8 bits of mantissa) before each binarization: a few test images
+    # may change class; the accuracy moves by at most a few of the 450 images.
+    assert abs(acc_bf16 - acc) <= 0.02
+
+
+def test_bf16_deploy_runs_binary_convs_in_bf16_channels_last():
+    torch.manual_seed(6)
+    model = randomize(resnet18(num_classes=10, conv="sparks", n_codewords=32, stem="cifar"))
+    deployed = sparks_ext.convert(model, dtype=torch.bfloat16)
+    seen = []
+
+    def hook(module, args, output):
+        x = args[0]
+        seen.append(("binary" if is_fusable_conv(module) else type(module).__name__, x.dtype,
+                     x.is_contiguous(memory_format=torch.channels_last), output.dtype))
+
+    for m in deployed.modules():
+        if is_fusable_conv(m) or isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    x = torch.randn(8, 3, 32, 32)  # float32 NCHW: the model casts it
+    with torch.no_grad():
+        out = deployed(x)
+        ref = model(x)
+    assert out.dtype == torch.bfloat16
+    assert sorted(k for k, *_ in seen) == sorted(["binary"] * 16 + ["Conv2d"] * 4 + ["Linear"])
+    assert all(d == torch.bfloat16 and o == torch.bfloat16 for _, d, _, o in seen)
+    assert all(cl for k, _, cl, _ in seen if k != "Linear")  # convs read channels_last
+    assert all(t.dtype == torch.bfloat16 for t in deployed.state_dict().values() if t.is_floating_point())
+    # Not a rounding-sized difference (bf16 activations flip binarizations), but the same network:
+    rel = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+    assert rel < 0.5
+
+
+# --- arguments, compile, export, save/load, summary ---------------------------------------------
+
+def test_bad_arguments():
+    model = SmallCNN(conv="sparks", n_codewords=32, width=8)
+    with pytest.raises(ValueError, match="fuse must be True or False"):
+        sparks_ext.convert(model, fuse="yes")
+    with pytest.raises(ValueError, match="inplace must be True or False"):
+        sparks_ext.convert(model, inplace=1)
+    with pytest.raises(ValueError, match="dtype must be None or one of"):
+        sparks_ext.convert(model, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype must be None or one of"):
+        sparks_ext.convert(model, dtype="bfloat16")
+    with pytest.raises(ValueError, match="model must be an nn.Module"):
+        sparks_ext.convert(torch.zeros(3))
+
+
+def test_inplace_keeps_the_callers_model_correct():
+    torch.manual_seed(7)
+    model = randomize(SmallCNN(conv="sparks", n_codewords=32, width=8))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+        fused = sparks_ext.convert(model, inplace=True)
+        # model now holds the (unfused) inference layers; the fused model copied what it rewrote
+        assert isinstance(model.layers[0].conv1, CodebookConv2d) and model.layers[0].conv1.threshold is None
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fused(x).argmax(1), expected.argmax(1))
+
+
+def _small_fused(kind="sparks", dtype=None):
+    torch.manual_seed(8)
+    model = randomize(SmallCNN(conv=kind, n_codewords=32 if kind == "sparks" else None, width=16))
+    return model, sparks_ext.convert(model, dtype=dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_model_compiles_and_exports(kind):
+    _, fused = _small_fused(kind)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = fused(x)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), expected)
+        torch.compiler.reset()
+        exported = torch.export.export(fused, (x,))
+    op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
+    assert sum(op in str(n.target) for n in exported.graph.nodes) == 4
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), expected)
+
+
+def test_fused_model_compiles_with_inductor():
+    _, fused = _small_fused()
+    x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        compiled = torch.compile(fused, fullgraph=True)
+        torch.testing.assert_close(compiled(x), fused(x), rtol=0, atol=F32_ULPS * fused(x).abs().max().item())
+    torch.compiler.reset()
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_model_save_load(tmp_path, dtype):
+    from sparks_ext import serialization
+
+    model, fused = _small_fused(dtype=dtype)
+    path = tmp_path / "fused.spk"
+    size = sparks_ext.save(fused, path)
+    header = serialization.read_header(path)
+    assert header["architecture"]["class"] == "torch.fx.GraphModule"
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = fused(x)
+        loaded = sparks_ext.load(path)  # the graph is rebuilt from the file, no model= needed
+        assert torch.equal(loaded(x), expected)
+        into = sparks_ext.load(path, SmallCNN(conv="sparks", n_codewords=32, width=16))
+        assert torch.equal(into(x), expected)
+    unfused_size = sparks_ext.save(sparks_ext.convert(model, fuse=False, dtype=dtype), tmp_path / "u.spk")
+    assert size < unfused_size  # BatchNorms and RSign/RPReLU tensors folded away
+
+
+def test_stored_graph_calls_only_listed_targets(tmp_path):
+    import json
+    import struct
+    import zlib
+
+    from sparks_ext import serialization
+
+    _, fused = _small_fused()
+    path = tmp_path / "fused.spk"
+    sparks_ext.save(fused, path)
+    data = path.read_bytes()
+    magic, version, header_len, payload_len = struct.unpack_from("<8sIIQ", data)
+    header = json.loads(zlib.decompress(data[24:24 + header_len]))
+    for target, message in [("os.system", "not on the list of functions"),
+                            ("builtins.eval", "not on the list of functions")]:
+        bad = copy.deepcopy(header)
+        node = next(n for n in bad["architecture"]["graph"] if n[1] == "call_method")
+        node[1], node[2] = "call_function", target
+        blob = zlib.compress(json.dumps(bad).encode())
+        body = struct.pack("<8sIIQ", magic, version, len(blob), payload_len) + blob + data[24 + header_len:-4]
+        path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+        with pytest.raises(ValueError, match=message):
+            sparks_ext.load(path)
+    bad = copy.deepcopy(header)
+    next(n for n in bad["architecture"]["graph"] if n[1] == "call_method")[2] = "__reduce__"
+    blob = zlib.compress(json.dumps(bad).encode())
+    body = struct.pack("<8sIIQ", magic, version, len(blob), payload_len) + blob + data[24 + header_len:-4]
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(ValueError, match="not on the list of methods"):
+        sparks_ext.load(path)
+    assert serialization._graph_functions()  # the allow-list is data, never the file's names
+
+
+def test_summary_of_fused_model():
+    model, fused = _small_fused()
+    s = sparks_ext.summary(fused, (1, 8, 8))
+    unfused = sparks_ext.summary(sparks_ext.convert(model, fuse=False), (1, 8, 8))
+    assert s.bops == unfused.bops and s.binary_weights == unfused.binary_weights
+    assert not any(r.type == "BatchNorm2d" for r in s.rows)
+    # Folded: each conv keeps scale, bias, threshold, PReLU slope and post-bias per channel
+    assert s.real_params < unfused.real_params
+    rows = {r.name: r for r in s.rows}
+    assert rows["layers.0.conv1"].output_shape == (16, 8, 8)
+    assert rows["layers.0.conv1"].real_params == 16 + 16 + 16 + 16 + 16
