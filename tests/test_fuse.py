@@ -278,10 +278,10 @@ def test_every_model_fused_against_unfused(name, kind):
     _assert_close64(fused64(x.double()), unfused(x.double()))
 
 
-def test_digits_top1_and_bf16_deploy():
-    from digits_training import accuracy, digits, fit
+def test_digits_top1_and_bf16_deploy(digits):
+    from tests.helpers.training import accuracy, fit
 
-    data = digits()
+    data = digits
     torch.manual_seed(0)
     model = SmallCNN(conv="sparks", n_codewords=32, width=16, conv_kwargs=dict(sinkhorn_iters=5))
     fit(model, torch.optim.Adam(model.parameters(), lr=2e-2), data, epochs=2)
