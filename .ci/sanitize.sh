@@ -39,7 +39,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:log_path=$work/reports/ubsan"
 paths="$(cd "$work" && python -c 'import sparks_ext; print(" ".join(sparks_ext.ops.cpu_kernels()))')"
 
 # These files force every kernel path themselves (a fixture over cpu_kernels()).
-per_path_files="tests/test_cpu_paths.py tests/test_fuzz.py tests/test_hardening.py"
+per_path_files="tests/test_cpu_paths.py tests/test_fuzz.py tests/test_hardening.py tests/test_fused_op.py"
 # These run on one path at a time: each path once.
 once_files="tests/test_conv2d.py tests/test_binary_conv2d.py tests/test_errors.py
   tests/test_serialization.py tests/test_load_hardening.py tests/test_load_fuzz.py"
