@@ -114,8 +114,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
     return output;
   }
 #if SPARKS_NEON_COMPILED
-  if (isa == Isa::kNeon && core::lut_applies(g, cb.size()) &&
-      padded_image_bounded(g, (g.in_per_group() + 63) / 64 * 8)) {
+  if (isa == Isa::kNeon && lut_kernel_applies(g, cb.size())) {
     codebook_conv_neon(input, fused.threshold, cb, indices, g, writer);
     return output;
   }

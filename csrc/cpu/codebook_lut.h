@@ -19,51 +19,29 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
+#include "kernel_core.h"
 #include "output_transform.h"
 #include "packing.h"
 
 namespace sparks {
 namespace cpu {
 
-constexpr int64_t kMaxLutTaps = 10;   // 2^10 rows x 64 bytes = 64 KiB
-constexpr int64_t kMaxLutCodewords = 64;
-constexpr int64_t kLutRow = 64;       // bytes per LUT row
-
-// The kernel addresses its LUT copy and the border scratch rows behind it with uint32 byte
-// offsets from one base (a 4-byte load per term, half the traffic of 64-bit ones). The scratch
-// holds C_in/groups rows per position of a tile (zero padding only), so the offsets fit uint32
-// for a tile of at least one position iff C_in/groups is at most this (about 67.1 M); the
-// driver shrinks its tile to fit below 2^32.
-constexpr int64_t kMaxLutOffsetBytes = int64_t{1} << 32;
-inline bool lut_offsets_fit(const ConvGeometry& g) {
-  const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
-  return !border_rows ||
-         (int64_t{1} << g.taps()) * kLutRow + g.in_per_group() * kLutRow <= kMaxLutOffsetBytes;
-}
+// The limits, the uint32-offset rule and the inner-loop table are the ATen-free core's
+// (kernel_core.h), shared with the NEON family.
+constexpr int64_t kMaxLutTaps = core::kLutMaxTaps;   // 2^10 rows x 64 bytes = 64 KiB
+constexpr int64_t kMaxLutCodewords = core::kLutMaxCodewords;
+constexpr int64_t kLutRow = core::kLutRowBytes;      // bytes per LUT row
+using core::kMaxLutOffsetBytes;
 
 // Needs at least one input channel per group (its tiling divides by C_in/groups); with none the
 // result is the empty sum, which the portable kernel writes. Offsets must fit uint32
-// (lut_offsets_fit), and padding must be small enough to materialise (padded_image_bounded): the
-// portable kernel computes every other case.
+// (core::lut_offsets_fit), and padding must be small enough to materialise (padded_image_bounded): the
+// portable kernel computes every other case. The same conditions hold for the NEON family.
 inline bool lut_kernel_applies(const ConvGeometry& g, int64_t n) {
-  return g.taps() <= kMaxLutTaps && n <= kMaxLutCodewords && g.in_per_group() > 0 &&
-         lut_offsets_fit(g) && padded_image_bounded(g, (g.in_per_group() + 63) / 64 * 8);
+  return core::lut_applies(g, n) && padded_image_bounded(g, (g.in_per_group() + 63) / 64 * 8);
 }
 
-// One ISA's inner loops.
-struct LutKernel {
-  // offsets[ci] = kLutRow * (patch id of input channel ci), for ci < cin, from the tap pixels.
-  void (*patch_offsets)(const uint64_t* const* pixels, int64_t taps, int64_t cin, uint32_t* offsets);
-  // out[r][c] = sum_ci base[offsets[r * ld_off + ci] + idx_t[ci * ld_idx + c]] - bias for
-  // r < rows <= max_rows, c < cols <= 64 (out row stride 64); sums fit uint16 per chunk.
-  void (*gather)(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, int64_t rows,
-                 const uint8_t* idx_t, int64_t ld_idx, int64_t cols, int64_t cin, int64_t taps,
-                 int64_t n, int32_t bias, int32_t* out);
-  // Border rows for zero padding: for ci < cin, row ci of `scratch` (an offset from base) =
-  // average of the rows at offsets[ci] and offsets[ci] | plus; offsets[ci] then points to it.
-  void (*border_rows)(uint8_t* base, uint32_t* offsets, int64_t cin, uint32_t plus, uint32_t scratch);
-  int64_t max_rows;
-};
+using LutKernel = core::LutOps;
 
 #if defined(__x86_64__)
 LutKernel lut_kernel_avx512();

@@ -76,23 +76,27 @@ constexpr int64_t kLutMaxTaps = 10;
 constexpr int64_t kLutMaxCodewords = 64;
 constexpr int64_t kLutRowBytes = 64;
 
-// The driver addresses its LUT copy and the border scratch rows behind it (C_in/groups rows per
-// position of a tile, zero padding only) with uint32 byte offsets; it shrinks its tile to fit, so
-// one position's rows must fit (C_in/groups up to about 67.1 M).
+// The drivers (this one and codebook_lut.cpp's) address their LUT copy and the border scratch
+// rows behind it (C_in/groups rows per position of a tile, zero padding only) with uint32 byte
+// offsets (a 4-byte load per term, half the traffic of 64-bit ones); they shrink the tile to fit
+// below 2^32, so one position's rows must fit: C_in/groups up to about 67.1 M.
 constexpr int64_t kMaxLutOffsetBytes = int64_t{1} << 32;
+inline bool lut_offsets_fit(const ConvGeometry& g) {
+  const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
+  return !border_rows ||
+         ((int64_t{1} << g.taps()) + g.in_per_group()) * kLutRowBytes <= kMaxLutOffsetBytes;
+}
 
 inline bool lut_applies(const ConvGeometry& g, int64_t n) {
-  const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
   return g.taps() <= kLutMaxTaps && n <= kLutMaxCodewords && g.in_per_group() > 0 &&
-         (!border_rows ||
-          ((int64_t{1} << g.taps()) + g.in_per_group()) * kLutRowBytes <= kMaxLutOffsetBytes);
+         lut_offsets_fit(g);
 }
 
 // (1 << taps) rows of kLutRowBytes: row x, byte k = r_k(x) + taps for codeword k (sign / mask
 // bits as in packing.h's PackedCodebook), bytes past n zero.
 std::vector<uint8_t> build_lut(const uint64_t* sign, const uint64_t* mask, int64_t n, int64_t taps);
 
-// One ISA's inner loops (the contract of codebook_lut.h's LutKernel).
+// One ISA's inner loops: the NEON ones here, the AVX-512 / AVX2 ones for codebook_lut.cpp.
 struct LutOps {
   // offsets[ci] = kLutRowBytes * (patch id of input channel ci), ci < cin, from the tap pixels.
   void (*patch_offsets)(const uint64_t* const* pixels, int64_t taps, int64_t cin, uint32_t* offsets);
