@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,29 +20,7 @@ import torch.nn.functional as F
 import sparks_ext
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
 
-
-@dataclass(frozen=True)
-class Shape:
-    in_channels: int
-    out_channels: int
-    size: int
-    stride: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.in_channels}->{self.out_channels} @{self.size} s{self.stride}"
-
-
-# ResNet-18's 3x3 convolutions (the stride-2 ones open stages 2-4).
-SHAPES = [
-    Shape(64, 64, 56, 1),
-    Shape(64, 128, 56, 2),
-    Shape(128, 128, 28, 1),
-    Shape(128, 256, 28, 2),
-    Shape(256, 256, 14, 1),
-    Shape(256, 512, 14, 2),
-    Shape(512, 512, 7, 1),
-]
+from resnet18_layers import LAYERS, Layer
 
 
 def time_ms(fn, reps: int, warmup: int = 10) -> float:
@@ -61,7 +38,7 @@ def time_ms(fn, reps: int, warmup: int = 10) -> float:
     return statistics.median(times)
 
 
-def bench_shape(shape: Shape, batch: int, ns: list[int], reps: int) -> dict:
+def bench_shape(shape: Layer, batch: int, ns: list[int], reps: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     x32 = torch.randn(batch, shape.in_channels, shape.size, shape.size, device="cuda", generator=gen)
     x16 = x32.half().contiguous(memory_format=torch.channels_last)
@@ -113,7 +90,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for batch in args.batch:
-        for shape in SHAPES:
+        for shape in LAYERS:
             row = bench_shape(shape, batch, args.n, args.reps)
             base = row["cudnn_fp16"]
             cells = [str(batch), shape.name, f"{row['cudnn_fp16']:.4f}", f"{row['cudnn_bf16']:.4f}"]

@@ -14,40 +14,17 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparks_ext
+from resnet18_layers import LAYERS, Layer
 
 THREADS = int(os.environ.get("SPARKS_BENCH_THREADS", "2"))  # the speed targets are for 2 threads
 
 
-@dataclass(frozen=True)
-class Layer:
-    in_channels: int
-    out_channels: int
-    size: int
-    stride: int
-
-    @property
-    def name(self) -> str:
-        s = "" if self.stride == 1 else "/2"
-        return f"{self.in_channels}->{self.out_channels}@{self.size}{s}"
-
-    @property
-    def out_size(self) -> int:
-        return (self.size + 2 - 3) // self.stride + 1
-
-    def macs(self) -> int:  # per image
-        return self.out_channels * self.in_channels * 9 * self.out_size ** 2
-
-
-# ResNet-18's 3x3 convolutions: the four stage shapes and the three stride-2 entries.
-LAYERS = [Layer(64, 64, 56, 1), Layer(128, 128, 28, 1), Layer(256, 256, 14, 1), Layer(512, 512, 7, 1),
-          Layer(64, 128, 56, 2), Layer(128, 256, 28, 2), Layer(256, 512, 14, 2)]
 BATCHES = [1, 16]
 CODEBOOK_SIZES = [16, 32, 64]
 

@@ -30,6 +30,8 @@ from sparks_ext.nn import CodebookConv2d, SparksConv2d
 from sparks_ext.packing import kernels_to_ids
 from sparks_ext.selection import TemperatureSchedule, set_temperature
 
+from common import accuracy, minibatches
+
 SIZES = (64, 32, 16, 8)
 
 
@@ -48,23 +50,14 @@ def train(conv, n, data, seed, args):
     generator = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(x_train), generator=generator)
-        for i in range(0, len(x_train), args.batch):
-            idx = order[i:i + args.batch]
-            set_temperature(model, tau(step))
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-            sched.step()
-            step += 1
+    for xb, yb in minibatches(x_train, y_train, args.batch, args.epochs, generator):
+        set_temperature(model, tau(step))
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+        step += 1
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, data):
-    _, _, x_test, y_test = data
-    return (model(x_test).argmax(1) == y_test).float().mean().item() * 100
 
 
 def frequency_model(binary_model, n):

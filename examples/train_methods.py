@@ -35,6 +35,8 @@ from sparks_ext.nn.signed import set_ede_progress
 from sparks_ext.optim import Bop
 from sparks_ext.selection import TemperatureSchedule, set_temperature
 
+from common import accuracy, minibatches
+
 # name -> (layer factory kwargs, optimizer); "layer" picks the block conv class.
 RUNS = {
     "1-bit (latent, Adam)": dict(layer="binary"),
@@ -92,17 +94,14 @@ def train(model, spec, data, seed, args):
     generator = torch.Generator().manual_seed(seed)
     step = 0
     model.train()
-    for _ in range(args.epochs):
-        order = torch.randperm(len(x_train), generator=generator)
-        for i in range(0, len(x_train), args.batch):
-            idx = order[i:i + args.batch]
-            set_temperature(model, tau(step))
-            set_ede_progress(model, step / max(total - 1, 1))
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
-            sched.step()
-            step += 1
+    for xb, yb in minibatches(x_train, y_train, args.batch, args.epochs, generator):
+        set_temperature(model, tau(step))
+        set_ede_progress(model, step / max(total - 1, 1))
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+        step += 1
     if binary:
         assert all(bool(((w == 1) | (w == -1)).all()) for w in binary), "Bop left a non-binary weight"
     return model.eval()
@@ -116,12 +115,6 @@ def deploy(model):
             if isinstance(conv, (SignedBinaryConv2d, ExpertBinaryConv2d)):
                 setattr(block, name, conv.to_inference())
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, data):
-    _, _, x_test, y_test = data
-    return (model(x_test).argmax(1) == y_test).float().mean().item() * 100
 
 
 def method_layers(model, cls):
