@@ -133,9 +133,7 @@ class XnorConv2d(FusedTransform, InferenceBinaryConv):
         # load_state_dict keep it)
         weight = torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool)
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
-        self.register_buffer("scale", torch.ones(out_channels))
-        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self._init_fused_buffers()
+        self._init_epilogue(out_channels, bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._apply_transform(binary_conv2d, x, residual, self.weight)

@@ -35,7 +35,11 @@ class FusedTransform:
     after the op, exactly as written, with the rest of the transform in torch.
     """
 
-    def _init_fused_buffers(self) -> None:
+    def _init_epilogue(self, out_channels: int, bias: bool) -> None:
+        """The buffers ``scale`` (ones) and ``bias`` (zeros, or None) of shape (C_out,), then
+        the fused ones, unset."""
+        self.register_buffer("scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         for name in FUSED_BUFFERS:
             self.register_buffer(name, None)
 
@@ -122,9 +126,7 @@ class CodebookConv2d(FusedTransform, InferenceCodebookConv):
         # reads them without a per-call conversion (its cost: benchmarks/RESULTS.md).
         index_dtype = torch.uint8 if n_codewords <= 256 else torch.int32
         self.register_buffer("indices", torch.zeros(in_channels // groups, out_channels, dtype=index_dtype).t())
-        self.register_buffer("scale", torch.ones(out_channels))
-        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self._init_fused_buffers()
+        self._init_epilogue(out_channels, bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._apply_transform(conv2d, x, residual, self.codebook, self.indices)
