@@ -150,7 +150,5 @@ def test_every_layer_checks_n_codewords_the_same_way(make):
     (dict(padding=-1), "padding"), (dict(groups=3), "groups"), (dict(out_channels=0), "out_channels"),
 ])
 def test_every_layer_checks_its_geometry_the_same_way(cls, geometry, match):
-    args = dict(in_channels=4, out_channels=4, kernel_size=3)
-    args.update(geometry)
     with pytest.raises(ValueError, match=match):
-        cls(**args)
+        cls(**{"in_channels": 4, "out_channels": 4, "kernel_size": 3, **geometry})
