@@ -1,6 +1,8 @@
 """The layer contract (sparks_ext.nn.base): every layer of sparks_ext.nn honours it, and the
 questions the library asks (binary? trainable? inference form? file config?) get the contract's
 answers."""
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,12 @@ def test_file_config_rebuilds_the_inference_layer(make, inference_cls, geom):
         assert torch.equal(rebuilt(x), inference(x))
     with pytest.raises(ValueError, match="takes no argument 'n_bits'"):
         inference_cls.from_file_config({**config, "n_bits": 3})
+
+
+@pytest.mark.parametrize("cls", [CodebookConv2d, SignedCodebookConv2d, XnorConv2d, ExpertCodebookConv2d])
+def test_file_args_are_every_constructor_argument_in_order(cls):
+    # An argument added to a constructor but not recorded would be lost by save/load.
+    assert tuple(inspect.signature(cls).parameters) == cls.FILE_ARGS
 
 
 def test_pad_value_is_part_of_the_codebook_layer_config():
