@@ -41,7 +41,7 @@ paths="$(cd "$work" && python -c 'import sparks_ext; print(" ".join(sparks_ext.o
 # These files force every kernel path themselves (a fixture over cpu_kernels()).
 per_path_files="tests/test_cpu_paths.py tests/test_fuzz.py tests/test_hardening.py tests/test_fused_op.py"
 # These run on one path at a time: each path once.
-once_files="tests/test_conv2d.py tests/test_binary_conv2d.py tests/test_errors.py
+once_files="tests/test_conv2d.py tests/test_binary_conv2d.py tests/test_errors.py tests/test_codebook_layer.py
   tests/test_serialization.py tests/test_load_hardening.py tests/test_load_fuzz.py"
 
 status=0

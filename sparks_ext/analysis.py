@@ -11,24 +11,22 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .nn.base import inference_form, is_binary_layer
 from .packing import kernels_to_ids
-from .summary import is_binary_layer
 
 __all__ = ["codeword_histogram", "binary_kernels", "power_law_exponent", "plot_rank_frequency"]
 
 
 def binary_kernels(layer: nn.Module) -> torch.Tensor:
-    """The (C_out, C_in/g, kh, kw) {-1,0,+1} kernels that a binary layer of this library applies:
-    ``codebook[indices]`` for codebook layers, the sign of the weight for plain binary ones, and
-    for a trainable layer the kernels of its inference form."""
-    if callable(getattr(layer, "to_inference", None)):
-        layer = layer.to_inference()
-    codebook, indices = getattr(layer, "codebook", None), getattr(layer, "indices", None)
-    if isinstance(codebook, torch.Tensor) and isinstance(indices, torch.Tensor):
-        return codebook[indices.long()].float()
+    """The (C_out, C_in/g, kh, kw) {-1,0,+1} kernels, as float, that a binary layer of this
+    library applies (``kernels()`` of its inference form: ``codebook[indices]`` for codebook
+    layers, the bool weight as +-1 for an XnorConv2d; an expert layer's have a leading expert
+    dimension); for any other module with a 4-D weight (an ``nn.Conv2d``), the sign of it."""
+    if is_binary_layer(layer):
+        return inference_form(layer).kernels().float()
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"{type(layer).__name__} has neither codebook/indices nor a 4-D weight")
+        raise ValueError(f"{type(layer).__name__} is not a binary layer of sparks_ext and has no 4-D weight")
     if weight.dtype == torch.bool:
         return weight.float() * 2 - 1
     return torch.where(weight.detach() >= 0, 1.0, -1.0)

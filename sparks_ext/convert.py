@@ -7,15 +7,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .nn.base import is_trainable_layer
+
 __all__ = ["convert", "is_trainable_layer", "DEPLOY_DTYPES"]
 
 DEPLOY_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def is_trainable_layer(module: nn.Module) -> bool:
-    """True for the library's trainable layers (SparksConv2d, BinaryConv2d, ...): they know
-    their inference form through ``to_inference()``."""
-    return callable(getattr(module, "to_inference", None))
 
 
 def convert(model: nn.Module, inplace: bool = False, fuse: bool = True,

@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from . import packing
-from .convert import convert, is_trainable_layer
+from .convert import convert
+from .nn.base import InferenceBinaryConv, is_trainable_layer
 
 __all__ = ["save", "load", "read_header"]
 
@@ -145,7 +146,8 @@ def _decode(name: str, blob: bytes, encoding: str, dtype: torch.dtype, shape: tu
 
 # ---------------------------------------------------------------------------------------------
 # Architecture description: a tree of classes found by name in torch.nn / sparks_ext.nn /
-# sparks_ext.models, with constructor arguments read back from the modules' attributes.
+# sparks_ext.models, with constructor arguments: the library's inference layers' own
+# (file_config), other modules' read back from their attributes.
 
 def _namespaces() -> dict:
     from . import nn as sparks_nn
@@ -189,6 +191,11 @@ def _jsonable(value):
 
 
 def _config(module: nn.Module) -> Optional[dict]:
+    """The constructor arguments of ``module``: the library's inference layers give theirs
+    (``file_config()``); for other classes they are read back from the attributes of the same
+    names, or None if one that has no default is not kept."""
+    if isinstance(module, InferenceBinaryConv):
+        return module.file_config()
     config = {}
     for p in list(inspect.signature(type(module).__init__).parameters.values())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype"):
@@ -234,8 +241,11 @@ def _build(spec: dict) -> nn.Module:
         for name, child in spec["children"]:
             model.add_module(name, _build(child))
         return model
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
-    module = convert(cls(**config), inplace=True, fuse=False)
+    if issubclass(cls, InferenceBinaryConv):
+        module = cls.from_file_config(spec["config"])
+    else:
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
+        module = convert(cls(**config), inplace=True, fuse=False)
     for name, tensor_spec in spec.get("tensors", {}).items():
         _place(module, name, _empty_tensor(tensor_spec))
     return module

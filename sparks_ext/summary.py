@@ -27,11 +27,12 @@ learn every layer's output shape, then counts per layer, per sample:
   codebook stores every tap, and the masked XNOR-popcount of a codeword response covers them
   all).
 
-A binary layer is any module exposing ``bits_per_weight`` and ``n_codewords`` (the contract of
-every binary conv of this library, trainable or inference). A trainable layer is described by
-its inference form (``to_inference()``, what :func:`sparks_ext.convert` deploys: for a
-signed-binary layer the ternary codebook of its distinct kernels, for 1-bit experts the codebook
-of theirs), so a trained model and its converted form give the same table.
+A binary layer is one of the library's binary convs, trainable or inference (a
+:class:`~sparks_ext.nn.base.BinaryConvLayer`, whose contract gives the numbers: geometry,
+``n_codewords``, ``bits_per_weight``, ``n_experts``, the applied ``kernels()``). A trainable
+layer is described by its inference form (``to_inference()``, what :func:`sparks_ext.convert`
+deploys: for a signed-binary layer the ternary codebook of its distinct kernels, for 1-bit
+experts the codebook of theirs), so a trained model and its converted form give the same table.
 
 Expert layers (``ExpertBinaryConv2d`` / ``ExpertCodebookConv2d``, N experts): binary weights,
 real parameters and memory count what is stored, i.e. all N experts' kernels (indices), their
@@ -52,12 +53,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .nn.base import BinaryConvLayer, inference_form, is_binary_layer
+
 __all__ = ["summary", "Summary", "LayerSummary", "is_binary_layer", "binary_conv_bops", "deployed_form"]
-
-
-def is_binary_layer(module: nn.Module) -> bool:
-    """True for the library's binary convolutions (trainable or inference)."""
-    return hasattr(module, "bits_per_weight") and hasattr(module, "n_codewords")
 
 
 def binary_conv_bops(c_in: int, c_out: int, kh: int, kw: int, h_out: int, w_out: int,
@@ -221,44 +219,22 @@ def _real_tensors(module: nn.Module, recurse: bool = False):
             yield t
 
 
-@torch.no_grad()
-def deployed_form(module: nn.Module) -> nn.Module:
-    """What a binary layer deploys as: ``module.to_inference()`` for a trainable layer (exactly
-    what :func:`sparks_ext.convert` puts in its place), the layer itself for an inference one."""
-    to_inference = getattr(module, "to_inference", None)
-    return to_inference() if callable(to_inference) else module
+deployed_form = inference_form  # the name this module has always exported
 
 
-def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
-    t = getattr(module, name, None)
-    return t if isinstance(t, torch.Tensor) else None
-
-
-def _effectual_weights(layer: nn.Module, binary_weights: int) -> int:
-    """Non-zero binary weights of a deployed binary layer: counted from its codebook and
-    indices (every expert's indices for an expert layer), else from its ``density``, else all."""
-    codebook, indices = _tensor(layer, "codebook"), _tensor(layer, "indices")
-    if codebook is not None and indices is not None:
-        nonzero = (codebook != 0).flatten(1).sum(dim=1)
-        return int(nonzero[indices.long()].sum())
-    density = getattr(layer, "density", None)
-    return binary_weights if density is None else round(float(density) * binary_weights)
-
-
-def _binary_row(layer: nn.Module, row: LayerSummary) -> None:
+def _binary_row(layer: BinaryConvLayer, row: LayerSummary) -> None:
     """Fills ``row`` from ``layer``, the deployed form (:func:`deployed_form`) of a binary layer."""
-    kh, kw = _pair(layer.kernel_size)
+    kh, kw = layer.kernel_size
     c_in, c_out, groups = layer.in_channels, layer.out_channels, layer.groups
     n = layer.n_codewords
-    row.n_experts = int(getattr(layer, "n_experts", 1))
+    row.n_experts = layer.n_experts
     # Every expert stores its own kernels (C_out x C_in/g of them); the codebook is shared.
     row.binary_weights = row.n_experts * c_out * (c_in // groups) * kh * kw
-    row.effectual_weights = _effectual_weights(layer, row.binary_weights)
+    row.effectual_weights = int(layer.kernels().count_nonzero())
     row.n_codewords = n
     codebook_bits = 0
     if n is not None:
-        codebook = _tensor(layer, "codebook")
-        ternary = codebook is not None and bool((codebook == 0).any())
+        ternary = bool((layer.codebook == 0).any())
         codebook_bits = n * kh * kw * (2 if ternary else 1)
     row.bits_per_weight = float(layer.bits_per_weight)
     row.codebook_bits = codebook_bits
@@ -269,10 +245,6 @@ def _binary_row(layer: nn.Module, row: LayerSummary) -> None:
     for t in _real_tensors(layer, recurse=True):
         row.real_params += t.numel()
         row.memory_bits += 8 * t.numel() * t.element_size()
-
-
-def _pair(v) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _new_row(name: str, module: nn.Module, output_shape: Optional[tuple],
@@ -294,7 +266,7 @@ def _layer_work(module: nn.Module, shape: torch.Size, deployed: dict) -> tuple[f
     C_in -> N on the pooled input."""
     if is_binary_layer(module):
         layer = deployed[id(module)]
-        kh, kw = _pair(layer.kernel_size)
+        kh, kw = layer.kernel_size
         bops = binary_conv_bops(layer.in_channels, layer.out_channels, kh, kw,
                                 shape[-2], shape[-1], layer.n_codewords, layer.groups)
         gate = getattr(layer, "gate", None)

@@ -240,9 +240,8 @@ def _to_signed(module: nn.Module, n_codewords: Optional[int]) -> None:
 
     for name, child in module.named_children():
         if isinstance(child, BinaryConv2d):
-            setattr(module, name, SignedBinaryConv2d(
-                child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                child.dilation, child.groups, child.bias is not None, n_codewords=n_codewords))
+            setattr(module, name, SignedBinaryConv2d(**child.geometry_config(), bias=child.bias is not None,
+                                                     n_codewords=n_codewords))
         else:
             _to_signed(child, n_codewords)
 

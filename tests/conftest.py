@@ -10,6 +10,17 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=[
+    dict(in_channels=8, out_channels=12, padding=1),
+    dict(in_channels=6, out_channels=9, stride=2, padding=(1, 0), dilation=(1, 2)),
+    dict(in_channels=8, out_channels=8, padding=1, groups=4, bias=True),
+], ids=["plain", "stride2-dilated", "groups4-bias"])
+def geom(request):
+    """Layer geometries (constructor keyword arguments besides kernel_size) for the layer tests:
+    plain, strided with uneven padding and dilation, grouped with a bias."""
+    return dict(request.param)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one torch thread avoids oversubscribing the 2-core machines we test on."""

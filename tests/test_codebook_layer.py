@@ -1,4 +1,5 @@
-"""CodebookConv2d: conversion from nn.Conv2d, exactness against the reference, state dicts."""
+"""CodebookConv2d: conversion from nn.Conv2d, exactness against the reference, state dicts,
+torch.export."""
 import io
 
 import pytest
@@ -9,6 +10,7 @@ import sparks_ext
 from sparks_ext.nn import CodebookConv2d, most_frequent_codebook, nearest_codeword
 from sparks_ext.packing import kernels_to_ids
 from sparks_ext.reference import binary_conv2d_reference, conv2d_reference
+from tests.helpers.cases import Case
 
 
 def _conv(device, **kw):
@@ -114,3 +116,16 @@ def test_from_conv2d_rejects_what_it_cannot_represent():
         CodebookConv2d(4, 6, 3, groups=4)
     with pytest.raises(ValueError, match="n_codewords"):
         CodebookConv2d(4, 4, 3, n_codewords=0)
+
+
+def test_torch_export_of_the_layer(device):
+    layer = sparks_ext.nn.CodebookConv2d(8, 16, 3, n_codewords=16, padding=1).to(device)
+    case = Case()
+    layer.codebook.copy_(case.make_codebook(device))
+    layer.indices.copy_(case.make_indices(device))
+    x = case.make_input(device)
+    exported = torch.export.export(layer, (x,))
+    assert any("sparks.conv2d" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
+    x2 = case.make_input(device, seed=7)
+    torch.testing.assert_close(exported.module()(x2), layer(x2), rtol=0, atol=0)

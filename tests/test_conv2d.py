@@ -1,4 +1,5 @@
-"""sparks_ext.conv2d against the pure-PyTorch reference: exactness, autograd, compile, export."""
+"""sparks_ext.conv2d against the pure-PyTorch reference: exactness, autograd, torch.compile (the
+layer's torch.export is in test_codebook_layer.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,15 +148,3 @@ def test_torch_compile_backward(device):
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
 
-
-def test_torch_export(device):
-    layer = sparks_ext.nn.CodebookConv2d(8, 16, 3, n_codewords=16, padding=1).to(device)
-    case = Case()
-    layer.codebook.copy_(case.make_codebook(device))
-    layer.indices.copy_(case.make_indices(device))
-    x = case.make_input(device)
-    exported = torch.export.export(layer, (x,))
-    assert any("sparks.conv2d" in str(node.target) for node in exported.graph.nodes)
-    torch.testing.assert_close(exported.module()(x), layer(x), rtol=0, atol=0)
-    x2 = case.make_input(device, seed=7)
-    torch.testing.assert_close(exported.module()(x2), layer(x2), rtol=0, atol=0)

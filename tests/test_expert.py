@@ -14,11 +14,6 @@ from tests.helpers.training import accuracy, fit, small_cnn
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-GEOMETRIES = [
-    dict(in_channels=8, out_channels=12, padding=1),
-    dict(in_channels=6, out_channels=9, stride=2, padding=(1, 0), dilation=(1, 2)),
-    dict(in_channels=8, out_channels=8, padding=1, groups=4, bias=True),
-]
 VARIANTS = [
     dict(),
     dict(n_experts=3, gate_activation="sigmoid"),
@@ -33,7 +28,6 @@ def _expert_outputs(layer, x):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("geom", GEOMETRIES)
 def test_to_inference_is_exact_and_routes_each_sample(geom, variant):
     torch.manual_seed(0)
     layer = ExpertBinaryConv2d(kernel_size=3, **geom, **variant)

@@ -18,11 +18,6 @@ from tests.helpers.training import accuracy, fit, small_cnn
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-GEOMETRIES = [
-    dict(in_channels=8, out_channels=12, padding=1),
-    dict(in_channels=6, out_channels=9, stride=2, padding=(1, 0), dilation=(1, 2)),
-    dict(in_channels=8, out_channels=8, padding=1, groups=4, bias=True),
-]
 VARIANTS = [
     dict(),
     dict(region="kernel", threshold=0.3),
@@ -70,7 +65,6 @@ def test_density_falls_as_the_threshold_rises():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("geom", GEOMETRIES)
 def test_to_inference_is_exact(geom, variant):
     torch.manual_seed(0)
     layer = SignedBinaryConv2d(kernel_size=3, **geom, **variant)

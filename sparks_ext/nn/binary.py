@@ -17,50 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import IntOrPair, _pair, binary_conv2d
+from ..ops import IntOrPair, binary_conv2d
 from ..quantizers import sign, sign_ste
+from .base import InferenceBinaryConv, TrainableBinaryConv
 from .codebook import CodebookConv2d, FusedTransform, most_frequent_codebook, nearest_codeword
 
 __all__ = ["BinaryConv2d", "XnorConv2d"]
 
 
-class _ConvGeometry(nn.Module):
-    """The attributes every binary conv layer of the library exposes (see the contract in
-    sparks_ext.nn): in/out_channels, kernel_size, stride, padding, dilation (pairs), groups."""
-
-    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = tuple(_pair(kernel_size, "kernel_size"))
-        self.stride, self.padding = tuple(_pair(stride, "stride")), tuple(_pair(padding, "padding"))
-        self.dilation, self.groups = tuple(_pair(dilation, "dilation")), groups
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
-            raise ValueError("kernel_size, stride and dilation must be positive and padding non-negative")
-
-    def _geometry(self):
-        return self.stride, self.padding, self.dilation, self.groups
-
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.n_codewords is not None:
-            s += f", n_codewords={self.n_codewords}"
-        s += f" ({self.bits_per_weight:.2f} bits/weight)"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if getattr(self, "bias", None) is None:
-            s += ", bias=False"
-        return s
-
-
-class _LatentBinaryConv(_ConvGeometry):
-    """Shared by the trainable layers: latent weight, optional bias, scale, and the two forward
-    paths. Subclasses provide ``_binary_weight()``: the {-1,+1} kernels carrying gradients."""
+class _LatentBinaryConv(TrainableBinaryConv):
+    """Shared by the trainable layers with latent weights: latent weight, optional bias, scale,
+    the two forward paths, and the inference layer holding their kernels. Subclasses provide
+    ``_binary_weight()``: the {-1,+1} kernels carrying gradients."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                  bias, backend):
@@ -95,6 +63,16 @@ class _LatentBinaryConv(_ConvGeometry):
         out = out * alpha[None, :, None, None]
         return out if bias is None else out + bias[None, :, None, None]
 
+    def _codebook_layer(self, codebook: torch.Tensor, indices: torch.Tensor,
+                        cls: type = CodebookConv2d) -> CodebookConv2d:
+        """The inference layer (``cls``, a CodebookConv2d) with this layer's geometry, scale and
+        bias, the given codebook (n, kh, kw) and indices (C_out, C_in/groups)."""
+        return cls._holding(self.geometry_config(), self._scale_bias(codebook=codebook, indices=indices),
+                            n_codewords=codebook.shape[0])
+
+    def _scale_bias(self, **tensors) -> dict:
+        return dict(tensors, scale=self.scale(), bias=self.bias)
+
 
 class BinaryConv2d(_LatentBinaryConv):
     r"""Trainable 1-bit convolution: ``conv(sign(x), sign(W)) * mean|W| + bias``.
@@ -110,7 +88,6 @@ class BinaryConv2d(_LatentBinaryConv):
     kernel mapped to its nearest one (as ``CodebookConv2d.from_conv2d``).
     """
 
-    n_codewords = None
     bits_per_weight = 1.0
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
@@ -128,15 +105,12 @@ class BinaryConv2d(_LatentBinaryConv):
     @torch.no_grad()
     def to_inference(self, n_codewords: Optional[int] = None):
         if n_codewords is None:
-            layer = XnorConv2d(self.in_channels, self.out_channels, self.kernel_size, *self._geometry(),
-                               bias=self.bias is not None)
-            layer.weight.copy_(self.weight >= 0)
-            return _fill_scale_bias(layer, self)
+            return XnorConv2d._holding(self.geometry_config(), self._scale_bias(weight=self.weight >= 0))
         codebook = most_frequent_codebook(self.weight, n_codewords)
-        return codebook_layer(self, codebook, nearest_codeword(self.weight, codebook))
+        return self._codebook_layer(codebook, nearest_codeword(self.weight, codebook))
 
 
-class XnorConv2d(FusedTransform, _ConvGeometry):
+class XnorConv2d(FusedTransform, InferenceBinaryConv):
     r"""Inference 1-bit convolution running :func:`sparks_ext.binary_conv2d`.
 
     Buffers: ``weight`` bool (C_out, C_in/groups, kh, kw), True = +1, channels_last; ``scale`` and ``bias``
@@ -145,10 +119,9 @@ class XnorConv2d(FusedTransform, _ConvGeometry):
     :class:`~sparks_ext.nn.codebook.FusedTransform` (set by :func:`sparks_ext.convert`).
     """
 
-    pad_value = 0.0
-
-    n_codewords = None
     bits_per_weight = 1.0
+    FILE_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups", "bias")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
@@ -160,30 +133,11 @@ class XnorConv2d(FusedTransform, _ConvGeometry):
         # load_state_dict keep it)
         weight = torch.ones(out_channels, in_channels // groups, kh, kw, dtype=torch.bool)
         self.register_buffer("weight", weight.contiguous(memory_format=torch.channels_last))
-        self.register_buffer("scale", torch.ones(out_channels))
-        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self._init_fused_buffers()
+        self._init_epilogue(out_channels, bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._apply_transform(binary_conv2d, x, residual, self.weight)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._fused_repr()
+    def kernels(self) -> torch.Tensor:
+        return self.weight.to(torch.int8) * 2 - 1
 
-
-def _fill_scale_bias(layer, trained):
-    layer.scale.copy_(trained.scale().detach().float())
-    if trained.bias is not None:
-        layer.bias.copy_(trained.bias.detach().float())
-    return layer.to(trained.weight.device)
-
-
-@torch.no_grad()
-def codebook_layer(trained: _LatentBinaryConv, codebook: torch.Tensor, indices: torch.Tensor) -> CodebookConv2d:
-    """The :class:`CodebookConv2d` with ``trained``'s geometry, scale and bias, the given
-    {-1,+1} codebook (n, kh, kw) and indices (C_out, C_in/groups)."""
-    layer = CodebookConv2d(trained.in_channels, trained.out_channels, trained.kernel_size,
-                           codebook.shape[0], *trained._geometry(), bias=trained.bias is not None)
-    layer.codebook.copy_(codebook.to(torch.int8))
-    layer.indices.copy_(indices.to(torch.int32))
-    return _fill_scale_bias(layer, trained)

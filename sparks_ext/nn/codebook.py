@@ -1,14 +1,14 @@
 """CodebookConv2d: the drop-in inference layer that runs :func:`sparks_ext.conv2d`."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..ops import IntOrPair, _pair, conv2d
+from ..ops import IntOrPair, conv2d
 from ..packing import kernels_to_ids, ids_to_kernels
+from .base import InferenceCodebookConv, check_n_codewords
 
 __all__ = ["CodebookConv2d", "most_frequent_codebook", "nearest_codeword"]
 
@@ -35,7 +35,11 @@ class FusedTransform:
     after the op, exactly as written, with the rest of the transform in torch.
     """
 
-    def _init_fused_buffers(self) -> None:
+    def _init_epilogue(self, out_channels: int, bias: bool) -> None:
+        """The buffers ``scale`` (ones) and ``bias`` (zeros, or None) of shape (C_out,), then
+        the fused ones, unset."""
+        self.register_buffer("scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         for name in FUSED_BUFFERS:
             self.register_buffer(name, None)
 
@@ -63,9 +67,9 @@ class FusedTransform:
     def _geometry_args(self) -> tuple:
         return self.stride, self.padding, self.dilation, self.groups, self.pad_value
 
-    def _fused_repr(self) -> str:
+    def extra_repr(self) -> str:
         parts = [name for name in FUSED_BUFFERS if getattr(self, name) is not None]
-        return f", fused={'+'.join(parts)}" if parts else ""
+        return super().extra_repr() + (f", fused={'+'.join(parts)}" if parts else "")
 
 
 def most_frequent_codebook(weight: torch.Tensor, n_codewords: int) -> torch.Tensor:
@@ -74,8 +78,7 @@ def most_frequent_codebook(weight: torch.Tensor, n_codewords: int) -> torch.Tens
     (and kernels never used, if fewer are distinct) are taken in codeword-id order."""
     kh, kw = weight.shape[-2:]
     total = 2 ** (kh * kw)
-    if not 1 <= n_codewords <= total:
-        raise ValueError(f"n_codewords must be in [1, {total}] for {kh}x{kw} kernels, got {n_codewords}")
+    n_codewords = check_n_codewords(n_codewords, (kh, kw))
     counts = torch.bincount(kernels_to_ids(weight.detach()).reshape(-1).cpu(), minlength=total)
     order = torch.sort(-counts, stable=True).indices[:n_codewords]
     return ids_to_kernels(order, kh, kw).to(weight.device)
@@ -88,7 +91,7 @@ def nearest_codeword(weight: torch.Tensor, codebook: torch.Tensor) -> torch.Tens
     return scores.argmax(dim=-1)
 
 
-class CodebookConv2d(FusedTransform, nn.Module):
+class CodebookConv2d(FusedTransform, InferenceCodebookConv):
     r"""Inference convolution whose kernels are indices into a small binary codebook.
 
     ``forward(x) = sparks_ext.conv2d(x, codebook, indices, scale, bias, ...)``: the input is
@@ -105,22 +108,17 @@ class CodebookConv2d(FusedTransform, nn.Module):
     :class:`FusedTransform`; :func:`sparks_ext.convert` sets them.
     """
 
+    FILE_ARGS = ("in_channels", "out_channels", "kernel_size", "n_codewords", "stride", "padding",
+                 "dilation", "groups", "bias", "pad_value")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  n_codewords: int = 32, stride: IntOrPair = 1, padding: IntOrPair = 0,
                  dilation: IntOrPair = 1, groups: int = 1, bias: bool = True,
                  pad_value: float = 0.0):
         super().__init__()
-        kh, kw = _pair(kernel_size, "kernel_size")
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})")
-        if n_codewords < 1:
-            raise ValueError(f"n_codewords must be at least 1, got {n_codewords}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = (kh, kw)
-        self.stride, self.padding = tuple(_pair(stride, "stride")), tuple(_pair(padding, "padding"))
-        self.dilation, self.groups = tuple(_pair(dilation, "dilation")), groups
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        n_codewords = check_n_codewords(n_codewords)
+        kh, kw = self.kernel_size
         self.pad_value = float(pad_value)
         self.register_buffer("codebook", torch.ones(n_codewords, kh, kw, dtype=torch.int8))
         # Indices live in the CPU kernel's native table: uint8 (int32 past 256 codewords) stored
@@ -128,18 +126,7 @@ class CodebookConv2d(FusedTransform, nn.Module):
         # reads them without a per-call conversion (its cost: benchmarks/RESULTS.md).
         index_dtype = torch.uint8 if n_codewords <= 256 else torch.int32
         self.register_buffer("indices", torch.zeros(in_channels // groups, out_channels, dtype=index_dtype).t())
-        self.register_buffer("scale", torch.ones(out_channels))
-        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self._init_fused_buffers()
-
-    @property
-    def n_codewords(self) -> int:
-        return self.codebook.shape[0]
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Index storage per weight: log2(n) / (kh * kw) (0.56 for n = 32, 3x3)."""
-        return math.log2(self.n_codewords) / (self.kernel_size[0] * self.kernel_size[1])
+        self._init_epilogue(out_channels, bias)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._apply_transform(conv2d, x, residual, self.codebook, self.indices)
@@ -163,26 +150,10 @@ class CodebookConv2d(FusedTransform, nn.Module):
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode={conv.padding_mode!r} is not supported; only 'zeros'")
         weight = conv.weight.detach()
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, n_codewords, conv.stride,
-                    padding, conv.dilation, conv.groups, bias=conv.bias is not None, pad_value=pad_value)
         codebook = most_frequent_codebook(weight, n_codewords)
-        layer.codebook.copy_(codebook.to(torch.int8))
-        layer.indices.copy_(nearest_codeword(weight, codebook).to(torch.int32))
-        layer.scale.copy_(weight.abs().mean(dim=(1, 2, 3)).float())
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias.detach().float())
-        return layer.to(weight.device)
-
-    def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"n_codewords={self.n_codewords} ({self.bits_per_weight:.2f} bits/weight), "
-             f"stride={self.stride}, padding={self.padding}")
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.pad_value != 0.0:
-            s += f", pad_value={self.pad_value:g}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s + self._fused_repr()
+        geometry = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
+                        kernel_size=conv.kernel_size, stride=conv.stride, padding=padding,
+                        dilation=conv.dilation, groups=conv.groups)
+        tensors = dict(codebook=codebook, indices=nearest_codeword(weight, codebook),
+                       scale=weight.abs().mean(dim=(1, 2, 3)), bias=conv.bias)
+        return cls._holding(geometry, tensors, n_codewords=n_codewords, pad_value=pad_value)

@@ -20,7 +20,6 @@ their expert and each group runs :func:`sparks_ext.conv2d` with that expert's in
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -29,7 +28,8 @@ from torch import nn
 
 from ..ops import IntOrPair, conv2d
 from ..packing import ids_to_kernels, kernels_to_ids
-from .binary import BinaryConv2d, _ConvGeometry
+from .base import BinaryConvLayer, InferenceCodebookConv, TrainableBinaryConv, check_n_codewords
+from .binary import BinaryConv2d
 from .sparks import SparksConv2d
 
 __all__ = ["ExpertBinaryConv2d", "ExpertCodebookConv2d"]
@@ -37,7 +37,7 @@ __all__ = ["ExpertBinaryConv2d", "ExpertCodebookConv2d"]
 GATE_ACTIVATIONS = ("softmax", "sigmoid")
 
 
-class _Experts(_ConvGeometry):
+class _Experts(BinaryConvLayer):
     """What both expert layers share: the gate, the expert counter and the routed forward."""
 
     def _init_experts(self, n_experts: int, gate_activation: str):
@@ -86,7 +86,7 @@ class _Experts(_ConvGeometry):
         return f"n_experts={self.n_experts}, gate_activation={self.gate_activation!r}, " + super().extra_repr()
 
 
-class ExpertBinaryConv2d(_Experts):
+class ExpertBinaryConv2d(_Experts, TrainableBinaryConv):
     r"""Trainable expert binary convolution (module docstring).
 
     Args: as ``nn.Conv2d`` (``bias=False`` by default), plus
@@ -165,20 +165,13 @@ class ExpertBinaryConv2d(_Experts):
     @torch.no_grad()
     def to_inference(self) -> "ExpertCodebookConv2d":
         codebook, indices, scale, bias = self.inference_parts()
-        layer = ExpertCodebookConv2d(self.in_channels, self.out_channels, self.kernel_size,
-                                     codebook.shape[0], self.stride, self.padding, self.dilation,
-                                     self.groups, bias=bias is not None, n_experts=self.n_experts,
-                                     gate_activation=self.gate_activation)
-        layer.gate.load_state_dict(self.gate.state_dict())
-        layer.codebook.copy_(codebook.to(torch.int8))
-        layer.indices.copy_(indices.to(torch.int32))
-        layer.scale.copy_(scale.float())
-        if bias is not None:
-            layer.bias.copy_(bias.float())
-        return layer.to(self.gate.weight.device)
+        gate = {f"gate.{name}": t for name, t in self.gate.state_dict().items()}
+        return ExpertCodebookConv2d._holding(
+            self.geometry_config(), dict(gate, codebook=codebook, indices=indices, scale=scale, bias=bias),
+            n_codewords=codebook.shape[0], n_experts=self.n_experts, gate_activation=self.gate_activation)
 
 
-class ExpertCodebookConv2d(_Experts):
+class ExpertCodebookConv2d(_Experts, InferenceCodebookConv):
     r"""Inference expert convolution: a gate (``nn.Linear`` on the global average pool) picks
     one expert per sample; samples are grouped by expert and each group runs
     :func:`sparks_ext.conv2d` with the shared ``codebook`` and that expert's ``indices``.
@@ -187,6 +180,9 @@ class ExpertCodebookConv2d(_Experts):
     ``scale`` and ``bias`` float32 (N, C_out). ``usage`` counts samples per expert.
     """
 
+    FILE_ARGS = ("in_channels", "out_channels", "kernel_size", "n_codewords", "stride", "padding",
+                 "dilation", "groups", "bias", "n_experts", "gate_activation")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  n_codewords: int = 32, stride: IntOrPair = 1, padding: IntOrPair = 0,
                  dilation: IntOrPair = 1, groups: int = 1, bias: bool = True, n_experts: int = 4,
@@ -194,22 +190,13 @@ class ExpertCodebookConv2d(_Experts):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self._init_experts(n_experts, gate_activation)
-        if n_codewords < 1:
-            raise ValueError(f"n_codewords must be at least 1, got {n_codewords}")
+        n_codewords = check_n_codewords(n_codewords)
         kh, kw = self.kernel_size
         self.register_buffer("codebook", torch.ones(n_codewords, kh, kw, dtype=torch.int8))
         self.register_buffer("indices", torch.zeros(n_experts, out_channels, in_channels // groups,
                                                     dtype=torch.int32))
         self.register_buffer("scale", torch.ones(n_experts, out_channels))
         self.register_buffer("bias", torch.zeros(n_experts, out_channels) if bias else None)
-
-    @property
-    def n_codewords(self) -> int:
-        return self.codebook.shape[0]
-
-    @property
-    def bits_per_weight(self) -> float:
-        return math.log2(self.n_codewords) / (self.kernel_size[0] * self.kernel_size[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         winners = self.gate_logits(x).argmax(dim=1)

@@ -38,6 +38,7 @@ from ..ops import IntOrPair, conv2d
 from ..packing import full_codebook
 from ..quantizers import sign, sign_ste
 from ..selection import add_selection_state, select_codewords
+from .base import check_n_codewords
 from .binary import _LatentBinaryConv
 from .codebook import CodebookConv2d
 
@@ -120,17 +121,13 @@ class SignedBinaryConv2d(_LatentBinaryConv):
         self.region = _check_choice(region, REGIONS, "region")
         self.gradient = _check_choice(gradient, GRADIENTS, "gradient")
         self.register_buffer("ede_t", torch.tensor(0.1))
-        self.n_codewords = n_codewords
+        self.n_codewords = None if n_codewords is None else check_n_codewords(
+            n_codewords, self.kernel_size, learned=True)
         if n_codewords is None:
             return
         kh, kw = self.kernel_size
         total = 2 ** (kh * kw)
-        if kh * kw > 12:
-            raise ValueError(f"kernel_size {self.kernel_size}: learning a selection needs at most 12 taps")
-        if isinstance(n_codewords, bool) or not isinstance(n_codewords, int) or not 1 <= n_codewords <= total:
-            raise ValueError(f"n_codewords must be None or an int in [1, {total}] for {kh}x{kw} kernels, "
-                             f"got {n_codewords!r}")
-        add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale,
+        add_selection_state(self, self.n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale,
                             logit_scale, auto_tau_steps)
         masks = (full_codebook(kh, kw).reshape(total, kh * kw) > 0).float()
         self.register_buffer("masks", masks, persistent=False)
@@ -205,15 +202,7 @@ class SignedBinaryConv2d(_LatentBinaryConv):
     @torch.no_grad()
     def to_inference(self) -> "SignedCodebookConv2d":
         """The :class:`SignedCodebookConv2d` whose output equals this layer's eval output."""
-        codebook, indices = self.codebook_and_indices()
-        layer = SignedCodebookConv2d(self.in_channels, self.out_channels, self.kernel_size,
-                                     codebook.shape[0], *self._geometry(), bias=self.bias is not None)
-        layer.codebook.copy_(codebook.to(torch.int8))
-        layer.indices.copy_(indices.to(torch.int32))
-        layer.scale.copy_(self.scale().float())
-        if self.bias is not None:
-            layer.bias.copy_(self.bias.float())
-        return layer.to(self.weight.device)
+        return self._codebook_layer(*self.codebook_and_indices(), cls=SignedCodebookConv2d)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", threshold={self.threshold:g}, region={self.region!r}, "

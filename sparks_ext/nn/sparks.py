@@ -21,14 +21,13 @@ Keeping the selection cheap and identical on every DDP rank:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..ops import IntOrPair, conv2d
 from ..packing import full_codebook
 from ..selection import add_selection_state, select_codewords
-from .binary import _LatentBinaryConv, codebook_layer
+from .base import check_n_codewords, codebook_bits_per_weight
+from .binary import _LatentBinaryConv
 from .codebook import CodebookConv2d
 
 __all__ = ["SparksConv2d"]
@@ -68,19 +67,14 @@ class SparksConv2d(_LatentBinaryConv):
                          bias, backend)
         kh, kw = self.kernel_size
         total = 2 ** (kh * kw)
-        if kh * kw > 12:
-            raise ValueError(f"kernel_size {self.kernel_size}: a full codebook of 2^{kh * kw} kernels "
-                             "is too large to learn a selection from (at most 12 taps)")
-        if not 1 <= n_codewords <= total:
-            raise ValueError(f"n_codewords must be in [1, {total}] for {kh}x{kw} kernels, got {n_codewords}")
-        self.n_codewords = n_codewords
+        self.n_codewords = n_codewords = check_n_codewords(n_codewords, self.kernel_size, learned=True)
         add_selection_state(self, n_codewords, total, sinkhorn_iters, hungarian_every, gumbel_scale,
                             logit_scale, auto_tau_steps)
         self.register_buffer("full_codebook", full_codebook(kh, kw).reshape(total, kh * kw), persistent=False)
 
     @property
     def bits_per_weight(self) -> float:
-        return math.log2(self.n_codewords) / (self.kernel_size[0] * self.kernel_size[1])
+        return codebook_bits_per_weight(self.n_codewords, self.kernel_size)
 
     def _selection(self) -> torch.Tensor:
         """(n, M) selection matrix: hard 0/1 rows in the forward pass; in training, with the
@@ -108,7 +102,7 @@ class SparksConv2d(_LatentBinaryConv):
 
     @torch.no_grad()
     def to_inference(self) -> CodebookConv2d:
-        return codebook_layer(self, self.codebook(), self.indices())
+        return self._codebook_layer(self.codebook(), self.indices())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", hungarian_every={self.hungarian_every}"

@@ -4,7 +4,7 @@
   ``train_steps``;
 - :mod:`tests.helpers.training`: small networks and short trainings on scikit-learn's digits.
 
-Fixtures (``device``, ``one_thread``, ``digits``) are in ``tests/conftest.py``.
+Fixtures (``device``, ``geom``, ``one_thread``, ``digits``) are in ``tests/conftest.py``.
 """
 import torch
 
