@@ -1,7 +1,7 @@
 // CPU backend of sparks::binary_conv2d: the dense XNOR-popcount binary convolution, the honest
 // baseline of the codebook op (what larq / daBNN / bitorch-engine do).
 //
-// Input and weight are packed along channels (packing.h): a kernel tap of one output channel
+// Input and weight are packed along channels (pixel_grid.h, weight_packing.h): a kernel tap of one output channel
 // and one input pixel are each C_in/groups bits, and their dot product over +-1 values is
 // C_in/groups - 2 * popcount(x ^ w). For zero padding a tap outside the image contributes 0:
 // the kernels sum every tap (padding pixels hold zero bits) and take back popcount(w) for the
@@ -25,7 +25,8 @@
 #include "cpu_features.h"
 #include "neon_aten.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "pixel_grid.h"
+#include "weight_packing.h"
 
 namespace sparks {
 namespace cpu {

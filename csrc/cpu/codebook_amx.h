@@ -7,7 +7,9 @@
 
 #include "../conv_args.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "codebook_packing.h"
+#include "index_table.h"
+#include "pixel_grid.h"
 
 namespace sparks {
 namespace cpu {

@@ -8,7 +8,7 @@
 //  - the portable path, and every path for larger codebooks or kernels: the kernel below.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
-// (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
+// (one 64-bit word per patch, input_bytes.h), compute the n codeword responses of each
 // patch once with XOR + popcount, then let every output channel gather and sum, over its
 // C_in/groups input channels, the response named by its index. Integer accumulation; the
 // output transform (output_transform.h) is applied once at the end.
@@ -25,7 +25,9 @@
 #include "cpu_features.h"
 #include "neon_aten.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "codebook_packing.h"
+#include "index_table.h"
+#include "input_bytes.h"
 
 namespace sparks {
 namespace cpu {

@@ -1,4 +1,5 @@
 #include "codebook_lut.h"
+#include "index_table.h"
 #include "workspace.h"
 
 #include <ATen/ATen.h>

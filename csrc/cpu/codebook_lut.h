@@ -21,7 +21,8 @@
 #include "cpu_features.h"
 #include "kernel_core.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "codebook_packing.h"
+#include "pixel_grid.h"
 
 namespace sparks {
 namespace cpu {

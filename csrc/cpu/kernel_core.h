@@ -5,7 +5,7 @@
 // and the instruction-count benchmark drive it directly, cross-compiled for aarch64 and run
 // under qemu, where no PyTorch exists. Nothing here includes ATen or c10.
 //
-// Layouts and conventions are those of packing.h: the channel-packed pixel grid (a pixel is
+// Layouts and conventions are those of pixel_grid.h and codebook_packing.h: the channel-packed pixel grid (a pixel is
 // `words` 64-bit words of channel bits, set = +1, padding pixels all ones for pad_value = +1
 // and zero otherwise), tap t = i * kw + j, and the LUT of codebook_lut.h (row x = the responses
 // of the n codewords to patch x, plus taps).
@@ -93,7 +93,7 @@ inline bool lut_applies(const ConvGeometry& g, int64_t n) {
 }
 
 // (1 << taps) rows of kLutRowBytes: row x, byte k = r_k(x) + taps for codeword k (sign / mask
-// bits as in packing.h's PackedCodebook), bytes past n zero.
+// bits as in codebook_packing.h's PackedCodebook), bytes past n zero.
 std::vector<uint8_t> build_lut(const uint64_t* sign, const uint64_t* mask, int64_t n, int64_t taps);
 
 // One ISA's inner loops: the NEON ones here, the AVX-512 / AVX2 ones for codebook_lut.cpp.

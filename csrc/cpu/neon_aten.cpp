@@ -4,6 +4,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "index_table.h"
+#include "input_bytes.h"
+#include "pixel_grid.h"
+
 namespace sparks {
 namespace cpu {
 namespace {

@@ -8,7 +8,7 @@
 #include "../conv_args.h"
 #include "neon_kernels.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "codebook_packing.h"
 
 namespace sparks {
 namespace cpu {

@@ -25,7 +25,7 @@ core::LutOps lut_ops();
 // core::PackBytes with 16-byte compares and pairwise adds.
 uint64_t pack_bytes(const uint8_t* bytes, int64_t count);
 
-// binary_conv2d: `weight` is the (C_out, taps, words) channel-packed dense weight (packing.h's
+// binary_conv2d: `weight` is the (C_out, taps, words) channel-packed dense weight (weight_packing.h's
 // pack_weight_channels layout), `px` the packed input.
 void binary_conv(const core::PixelGrid& px, const uint64_t* weight, const ConvGeometry& g,
                  const core::ParallelFor& par, const core::TileStore& store);
