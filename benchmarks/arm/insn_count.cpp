@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
   std::vector<uint64_t> weight(cout * taps * words);
   for (auto& w : weight) w = rng();
   if (cin < 64)
-    for (auto& w : weight) w &= core::low_mask(cin);
+    for (auto& w : weight) w &= core::low_bits(cin);
   // A channels_last float32 output (the layout the README recommends): contiguous channel rows.
   std::vector<float> out(cout * g.out_h * g.out_w), check(out.size());
   const int64_t positions = g.out_h * g.out_w;

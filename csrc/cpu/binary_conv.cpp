@@ -23,7 +23,8 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
-#include "neon_aten.h"
+#include "core_adapters.h"
+#include "neon_kernels.h"
 #include "output_transform.h"
 #include "pixel_grid.h"
 #include "weight_packing.h"
@@ -33,24 +34,12 @@ namespace cpu {
 namespace {
 
 struct BinaryProblem {
-  const PackedPixels& px;
+  const core::PixelGrid& px;
   const uint64_t* weight;  // (C_out, taps, words)
   const ConvGeometry& g;
   const OutputTransform& out;
   int64_t taps() const { return g.taps(); }
 };
-
-// popcount(w) of each (output channel, tap): what an outside tap must give back.
-std::vector<int32_t> weight_tap_counts(const BinaryProblem& bp) {
-  const int64_t taps = bp.taps(), words = bp.px.words;
-  std::vector<int32_t> counts(bp.g.out_channels * taps);
-  for (int64_t r = 0; r < bp.g.out_channels * taps; ++r) {
-    int32_t c = 0;
-    for (int64_t k = 0; k < words; ++k) c += __builtin_popcountll(bp.weight[r * words + k]);
-    counts[r] = c;
-  }
-  return counts;
-}
 
 // Output rows [begin, end) of (n, group, oh): the portable kernel, also compiled with the
 // popcnt instruction as the "avx2" path.
@@ -65,7 +54,7 @@ __attribute__((always_inline)) inline void binary_rows_scalar(const BinaryProble
     const int64_t oh = item % g.out_h, grp = (item / g.out_h) % g.groups;
     const int64_t n = item / (g.out_h * g.groups);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const uint64_t valid = tap_pixels(bp.px, n, grp, oh, ow, pixels.data());
+      const uint64_t valid = bp.px.tap_pixels(n, grp, oh, ow, pixels.data());
       const int32_t total = static_cast<int32_t>(__builtin_popcountll(valid) * cin_g);
       for (int64_t co = 0; co < cout_g; ++co) {
         const uint64_t* w = bp.weight + (grp * cout_g + co) * taps * words;
@@ -130,7 +119,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt"))) void
     uint64_t valid[kPos];
     for (int64_t r = 0; r < kPos; ++r) {
       const int64_t p = p0 + std::min(r, rows - 1);  // a short tile repeats its last position
-      valid[r] = tap_pixels(bp.px, n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
+      valid[r] = bp.px.tap_pixels(n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
     }
     for (int64_t c0 = 0; c0 < cout_g; c0 += kCols) {
       __m512i acc[kPos][4];
@@ -179,7 +168,7 @@ void binary_conv_avx512(const BinaryProblem& bp) {
       for (int64_t tk = 0; tk < taps * words; ++tk)
         plan.wt[(grp * taps * words + tk) * plan.cout_pad + co] =
             bp.weight[(grp * cout_g + co) * taps * words + tk];
-  plan.tap_counts = weight_tap_counts(bp);
+  plan.tap_counts = core::weight_tap_counts(bp.weight, g.out_channels * taps, words);
   at::parallel_for(0, g.batch * g.groups * plan.tiles, 1, [&](int64_t begin, int64_t end) {
     binary_tiles_avx512(bp, plan, begin, end);
   });
@@ -202,16 +191,16 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
+  const core::PixelGrid px = pack_pixels(input, fused.threshold, g, isa);
+  const OutputTransform writer(output, scale, bias, fused, g, isa);
+  const uint64_t* weight_bits = reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>());
 #if SPARKS_NEON_COMPILED
   if (isa == Isa::kNeon) {  // EOR + CNT + UADALP (binary_conv_neon.cpp)
-    binary_conv_neon(input, fused.threshold, packed_weight, g, OutputTransform(output, scale, bias, fused, g, isa));
+    neon::binary_conv(px, weight_bits, g, aten_parallel(), tile_store(writer));
     return output;
   }
 #endif
-  const PackedPixels px = pack_pixels(input, fused.threshold, g, isa);
-  const OutputTransform writer(output, scale, bias, fused, g, isa);
-  const BinaryProblem bp{px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,
-                         writer};
+  const BinaryProblem bp{px, weight_bits, g, writer};
   switch (isa) {
 #if defined(__x86_64__)
     case Isa::kAvx512:

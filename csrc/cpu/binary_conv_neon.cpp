@@ -118,7 +118,7 @@ void binary_tiles(const core::PixelGrid& px, const Plan& plan, const ConvGeometr
           const int32x4_t mismatches = vreinterpretq_s32_u32(vcombine_u32(vmovn_u64(lo), vmovn_u64(hi)));
           vst1q_s32(tile + r * kCols + 2 * c, vsubq_s32(total, vshlq_n_s32(mismatches, 1)));
         }
-        const uint64_t outside = core::low_mask(taps) & ~valid[r];
+        const uint64_t outside = core::low_bits(taps) & ~valid[r];
         if (outside == 0) continue;
         for (int64_t col = 0; col < cols; ++col) {
           const int32_t* counts = plan.tap_counts.data() + (grp * cout_g + co0 + col) * taps;

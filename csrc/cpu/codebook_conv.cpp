@@ -23,7 +23,7 @@
 #include "codebook_amx.h"
 #include "codebook_lut.h"
 #include "cpu_features.h"
-#include "neon_aten.h"
+#include "neon_kernels.h"
 #include "output_transform.h"
 #include "codebook_packing.h"
 #include "index_table.h"
@@ -117,14 +117,17 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
   }
 #if SPARKS_NEON_COMPILED
   if (isa == Isa::kNeon && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_neon(input, fused.threshold, cb, indices, g, writer);
+    codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa, neon::lut_ops());
     return output;
   }
 #endif
+#if defined(__x86_64__)
   if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa);
+    codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa,
+                      isa >= Isa::kAvx512 ? lut_ops_avx512() : lut_ops_avx2());
     return output;
   }
+#endif
   const at::Tensor idx = indices.to(at::kInt).contiguous();
   codebook_conv_portable(binarize_input(input, fused.threshold), cb, idx, g, writer);
   return output;

@@ -17,8 +17,6 @@
 namespace sparks {
 namespace cpu {
 
-inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1); }
-
 struct PackedCodebook {
   std::vector<uint64_t> sign;  // (n,)
   std::vector<uint64_t> mask;  // (n,)
