@@ -23,6 +23,7 @@
 
 #include "../conv_args.h"
 #include "cpu_features.h"
+#include "kernel_choice.h"
 #include "core_adapters.h"
 #include "neon_kernels.h"
 #include "output_transform.h"
@@ -71,6 +72,9 @@ __attribute__((always_inline)) inline void binary_rows_scalar(const BinaryProble
   }
 }
 
+// Output rows [begin, end) of (n, group, oh), compiled for one family.
+using BinaryRows = void (*)(const BinaryProblem& bp, int64_t begin, int64_t end);
+
 void binary_rows_portable(const BinaryProblem& bp, int64_t begin, int64_t end) {
   binary_rows_scalar(bp, begin, end);
 }
@@ -82,14 +86,9 @@ __attribute__((target("avx2,popcnt,bmi2"))) void binary_rows_avx2(const BinaryPr
 }
 #endif
 
-void binary_conv_scalar(const BinaryProblem& bp, Isa isa) {
+void binary_conv_rows(const BinaryProblem& bp, BinaryRows rows) {
   const ConvGeometry& g = bp.g;
-  at::parallel_for(0, g.batch * g.groups * g.out_h, 1, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__)
-    if (isa == Isa::kAvx2) return binary_rows_avx2(bp, begin, end);
-#endif
-    binary_rows_portable(bp, begin, end);
-  });
+  at::parallel_for(0, g.batch * g.groups * g.out_h, 1, [&](int64_t begin, int64_t end) { rows(bp, begin, end); });
 }
 
 #if defined(__x86_64__)
@@ -194,21 +193,19 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const core::PixelGrid px = pack_pixels(input, fused.threshold, g, isa);
   const OutputTransform writer(output, scale, bias, fused, g, isa);
   const uint64_t* weight_bits = reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>());
-#if SPARKS_NEON_COMPILED
-  if (isa == Isa::kNeon) {  // EOR + CNT + UADALP (binary_conv_neon.cpp)
-    neon::binary_conv(px, weight_bits, g, aten_parallel(), tile_store(writer));
-    return output;
-  }
-#endif
   const BinaryProblem bp{px, weight_bits, g, writer};
-  switch (isa) {
+  const BinaryKernel kernel = choose_binary_kernel(isa);
+  switch (kernel) {
 #if defined(__x86_64__)
-    case Isa::kAvx512:
-    case Isa::kAmx:  // no tile kernel for the dense op: it is the XNOR-popcount baseline
-      binary_conv_avx512(bp);
-      break;
+    case BinaryKernel::kVpopcntAvx512: binary_conv_avx512(bp); break;
+    case BinaryKernel::kPopcntAvx2: binary_conv_rows(bp, &binary_rows_avx2); break;
 #endif
-    default: binary_conv_scalar(bp, isa); break;
+#if SPARKS_NEON_COMPILED
+    case BinaryKernel::kNeon: neon::binary_conv(px, weight_bits, g, aten_parallel(), tile_store(writer)); break;
+#endif
+    case BinaryKernel::kPortable: binary_conv_rows(bp, &binary_rows_portable); break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "the ", kernel_name(kernel), " kernel is not compiled for this CPU");
   }
   return output;
 }

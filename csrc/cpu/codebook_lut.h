@@ -27,20 +27,12 @@
 namespace sparks {
 namespace cpu {
 
-// Needs at least one input channel per group (its tiling divides by C_in/groups); with none the
-// result is the empty sum, which the portable kernel writes. Offsets must fit uint32
-// (core::lut_offsets_fit), and padding must be small enough to materialise (padded_image_bounded): the
-// portable kernel computes every other case.
-inline bool lut_kernel_applies(const ConvGeometry& g, int64_t n) {
-  return core::lut_applies(g, n) && padded_image_bounded(g, (g.in_per_group() + 63) / 64 * 8);
-}
-
 #if defined(__x86_64__)
 core::LutOps lut_ops_avx512();
 core::LutOps lut_ops_avx2();
 #endif
 
-// Runs the LUT kernel with one ISA's inner loops; the caller has checked lut_kernel_applies.
+// Runs the LUT kernel with one ISA's inner loops; kernel_choice.cpp has checked that it applies.
 // `isa` picks the input packer's instructions.
 void codebook_conv_lut(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
                        const at::Tensor& indices, const ConvGeometry& g, const OutputTransform& writer,
