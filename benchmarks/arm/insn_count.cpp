@@ -8,7 +8,7 @@
 // counts from the binarized input bytes to the float output: input packing, LUT / weight
 // layout, the kernel, the store.
 //
-// `portable` is csrc/cpu/codebook_conv.cpp's codebook_conv_portable (and packing.cpp's
+// `portable` is csrc/cpu/conv2d.cpp's codebook_conv_portable (and input_bytes.cpp's
 // patch_row / valid_row) loop for loop on plain arrays: the library's portable path is written
 // against ATen, which does not exist under qemu.
 #include <cstdint>

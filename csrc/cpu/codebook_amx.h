@@ -6,9 +6,9 @@
 #include <ATen/core/Tensor.h>
 
 #include "../conv_args.h"
-#include "output_transform.h"
 #include "codebook_packing.h"
 #include "index_table.h"
+#include "output_transform.h"
 #include "pixel_grid.h"
 
 namespace sparks {

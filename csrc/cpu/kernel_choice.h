@@ -19,7 +19,7 @@ namespace cpu {
 
 enum class CodebookKernel {
   kPortable,   // per output row: XOR + popcount responses, gathered by index (conv2d.cpp)
-  kLutAvx2,    // the LUT kernel (codebook_lut.h) with the vpshufb inner loops (lut_avx2.cpp)
+  kLutAvx2,    // the LUT kernel (lut_kernel.h) with the vpshufb inner loops (lut_avx2.cpp)
   kLutAvx512,  // the LUT kernel with the vpermb inner loops (lut_avx512.cpp)
   kLutNeon,    // the LUT kernel with the TBL inner loops (lut_neon.cpp)
   kTileAmx,    // decoded int8 weights on the AMX tile unit (codebook_amx.h)
@@ -29,7 +29,7 @@ enum class BinaryKernel {
   kPortable,        // scalar XOR + popcount per (position, output channel) (binary_conv2d.cpp)
   kPopcntAvx2,      // the same loop compiled with the popcnt instruction
   kVpopcntAvx512,   // 4 positions x 32 output channels of vpopcntq accumulators
-  kNeon,            // EOR + CNT + UADALP (binary_conv_neon.cpp)
+  kNeon,            // EOR + CNT + UADALP (binary_neon.cpp)
 };
 
 const char* kernel_name(CodebookKernel kernel);

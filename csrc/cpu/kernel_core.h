@@ -6,10 +6,10 @@
 // directly, cross-compiled for aarch64 and run under qemu, where no PyTorch exists. Nothing
 // here includes ATen or c10.
 //
-// Layouts and conventions are those of pixel_grid.h and codebook_packing.h: the channel-packed pixel grid (a pixel is
-// `words` 64-bit words of channel bits, set = +1, padding pixels all ones for pad_value = +1
-// and zero otherwise), tap t = i * kw + j, and the LUT of codebook_lut.h (row x = the responses
-// of the n codewords to patch x, plus taps).
+// Layouts and conventions are those of pixel_grid.h and codebook_packing.h: the channel-packed
+// pixel grid (a pixel is `words` 64-bit words of channel bits, set = +1, padding pixels all
+// ones for pad_value = +1 and zero otherwise), tap t = i * kw + j, and the LUT of lut_kernel.h
+// (row x = the responses of the n codewords to patch x, plus taps).
 #pragma once
 
 #include <cstdint>
@@ -87,16 +87,16 @@ PixelGrid pack_grid(const InputBits& in, const ConvGeometry& g, PackBytes pack, 
                     const RowDone& row_done = {});
 
 // ---------------------------------------------------------------------------------------------
-// The LUT codebook kernel (codebook_lut.h explains the algorithm; the same plan as the x86 one).
+// The LUT codebook kernel of every family (lut_kernel.h explains the algorithm).
 
 constexpr int64_t kLutMaxTaps = 10;
 constexpr int64_t kLutMaxCodewords = 64;
 constexpr int64_t kLutRowBytes = 64;
 
-// The driver (lut_conv) addresses its LUT copy and the border scratch
-// rows behind it (C_in/groups rows per position of a tile, zero padding only) with uint32 byte
-// offsets (a 4-byte load per term, half the traffic of 64-bit ones); it shrinks the tile to fit
-// below 2^32, so one position's rows must fit: C_in/groups up to about 67.1 M.
+// The driver (lut_conv) addresses its LUT copy and the border scratch rows behind it
+// (C_in/groups rows per position of a tile, zero padding only) with uint32 byte offsets (a
+// 4-byte load per term, half the traffic of 64-bit ones); it shrinks the tile to fit below
+// 2^32, so one position's rows must fit: C_in/groups up to about 67.1 M.
 constexpr int64_t kMaxLutOffsetBytes = int64_t{1} << 32;
 inline bool lut_offsets_fit(const ConvGeometry& g) {
   const bool border_rows = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);

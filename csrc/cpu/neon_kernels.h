@@ -1,7 +1,8 @@
-// The NEON (aarch64 Advanced SIMD) kernels, ATen-free: codebook_conv_neon.cpp (conv2d's LUT
-// kernel with TBL) and binary_conv_neon.cpp (binary_conv2d with EOR + CNT + UADALP). Every
+// The NEON (aarch64 Advanced SIMD) kernels, ATen-free: lut_neon.cpp (conv2d's LUT
+// kernel with TBL) and binary_neon.cpp (binary_conv2d with EOR + CNT + UADALP). Every
 // aarch64 CPU has Advanced SIMD, so these are compiled for aarch64 only and always available
-// there. The op entries (codebook_lut.cpp, binary_conv.cpp) call them through core_adapters.h; tests/cpp/test_neon_core.cpp checks them under qemu.
+// there. The op entries (lut_kernel.cpp, binary_conv2d.cpp) call them through core_adapters.h;
+// tests/cpp/test_neon_core.cpp checks them under qemu.
 #pragma once
 
 #include <cstdint>

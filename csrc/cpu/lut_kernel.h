@@ -1,6 +1,6 @@
 // The LUT codebook kernel (families avx512, avx2 and neon): the ATen entry over the core's driver
 // (kernel_core.h's lut_conv); each ISA supplies the inner loops (core::LutOps). See
-// codebook_conv_avx512.cpp for the instruction-level reasoning.
+// lut_avx512.cpp for the instruction-level reasoning.
 //
 // For kernels of at most core::kLutMaxTaps taps, every possible binary patch x (2^taps of them) has a
 // precomputed response row: LUT[x][k] = r_k(x) + taps for codeword k < n <= 64, one 64-byte row,

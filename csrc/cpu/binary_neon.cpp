@@ -1,10 +1,10 @@
 // NEON (aarch64 Advanced SIMD) binary_conv2d: dense XNOR-popcount over channel-packed bits,
 // the shape of Larq Compute Engine's aarch64 bgemm (EOR, CNT, byte adds, UADALP), written for
-// this library's packed layout (pixel_grid.h, weight_packing.h): a pixel / weight tap is `words` 64-bit words of
-// C_in/groups channel bits, and a (position, output channel) dot product over +-1 values is
-// valid taps x C_in/groups - 2 x popcount(x ^ w) summed over taps and words. For zero padding
-// the padded pixels hold zero bits and each outside tap gives back popcount(w) (as the x86
-// kernels do).
+// this library's packed layout (pixel_grid.h, weight_packing.h): a pixel / weight tap is
+// `words` 64-bit words of C_in/groups channel bits, and a (position, output channel) dot
+// product over +-1 values is valid taps x C_in/groups - 2 x popcount(x ^ w) summed over taps
+// and words. For zero padding the padded pixels hold zero bits and each outside tap gives back
+// popcount(w) (as the x86 kernels do).
 //
 // Instruction-level reasoning (a two-ASIMD-pipe Cortex-A7x such as the A76; figures from Arm's
 // Cortex-A720 Software Optimization Guide: EOR, CNT, ADD 2 per cycle; UADALP 1 per cycle on V1;

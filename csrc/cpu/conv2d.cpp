@@ -1,7 +1,7 @@
 // CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
 // Which kernel runs is kernel_choice.h's choose_codebook_kernel: the tile kernel (amx), the
-// LUT kernel (avx512, avx2, neon; codebook_lut.h) or the portable kernel below; all give
+// LUT kernel (avx512, avx2, neon; lut_kernel.h) or the portable kernel below; all give
 // identical integers.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
@@ -18,14 +18,14 @@
 
 #include "../conv_args.h"
 #include "codebook_amx.h"
-#include "codebook_lut.h"
-#include "cpu_features.h"
-#include "kernel_choice.h"
-#include "neon_kernels.h"
-#include "output_transform.h"
 #include "codebook_packing.h"
+#include "cpu_features.h"
 #include "index_table.h"
 #include "input_bytes.h"
+#include "kernel_choice.h"
+#include "lut_kernel.h"
+#include "neon_kernels.h"
+#include "output_transform.h"
 
 namespace sparks {
 namespace cpu {

@@ -1,4 +1,4 @@
-#include "codebook_lut.h"
+#include "lut_kernel.h"
 
 #include <ATen/ATen.h>
 

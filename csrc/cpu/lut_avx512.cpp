@@ -1,4 +1,4 @@
-// AVX-512 (BW + VBMI) inner loops of the LUT codebook kernel (codebook_lut.h).
+// AVX-512 (BW + VBMI) inner loops of the LUT codebook kernel (lut_kernel.h).
 //
 // Instruction-level reasoning. The work of a layer is one term per (position, input channel,
 // output channel): the response of the patch to the codeword that output channel names.
@@ -15,7 +15,7 @@
 //    index vector 8 times; the scalar work per term is one 32-bit offset load (its address).
 //  - Patch ids of 64 input channels at once: vpermb + gf2p8affineqb transpose the (tap x channel)
 //    bit matrix (patch_offsets_avx512), ~20 instructions per position and 64 channels.
-#include "codebook_lut.h"
+#include "lut_kernel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>

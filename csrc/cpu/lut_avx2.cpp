@@ -1,10 +1,10 @@
-// AVX2 inner loops of the LUT codebook kernel (codebook_lut.h): the same algorithm as the
+// AVX2 inner loops of the LUT codebook kernel (lut_kernel.h): the same algorithm as the
 // AVX-512 one with 32-byte vectors and no vpermb. `vpshufb` looks up 16 entries per 128-bit
 // lane, so a row of n codewords is ceil(n / 16) sub-tables; each output channel's index selects
 // within a sub-table (low 4 bits) and a saturating add pushes the lanes of other sub-tables
 // to bit 7, which vpshufb turns into 0. Per 32 output channels and (position, input channel):
 // ceil(n / 16) x (vbroadcasti128 + vpshufb + vpaddb).
-#include "codebook_lut.h"
+#include "lut_kernel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>

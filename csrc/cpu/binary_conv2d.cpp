@@ -1,11 +1,15 @@
 // CPU backend of sparks::binary_conv2d: the dense XNOR-popcount binary convolution, the honest
 // baseline of the codebook op (what larq / daBNN / bitorch-engine do).
 //
-// Input and weight are packed along channels (pixel_grid.h, weight_packing.h): a kernel tap of one output channel
-// and one input pixel are each C_in/groups bits, and their dot product over +-1 values is
-// C_in/groups - 2 * popcount(x ^ w). For zero padding a tap outside the image contributes 0:
-// the kernels sum every tap (padding pixels hold zero bits) and take back popcount(w) for the
-// outside taps, which only border positions have.
+// Input and weight are packed along channels (pixel_grid.h, weight_packing.h): a kernel tap of
+// one output channel and one input pixel are each C_in/groups bits, and their dot product over
+// +-1 values is C_in/groups - 2 * popcount(x ^ w). For zero padding a tap outside the image
+// contributes 0: the kernels sum every tap (padding pixels hold zero bits) and take back
+// popcount(w) for the outside taps, which only border positions have.
+//
+// Every CPU kernel counts XOR mismatches. The CUDA GEMM (csrc/cuda/binary_conv.cu) computes the
+// same integers with AND algebra instead, 4 popc(x & w) - 2 popc(x) - 2 popc(w) + taps, because
+// AND + popcount is what the tensor cores do natively.
 //
 // AVX-512 (VPOPCNTDQ): 8 output channels per zmm lane group, 4 positions x 32 channels of
 // accumulators; per (tap, word): 4 weight loads, 4 broadcasts, 16 x (vpxorq, vpopcntq, vpaddq).
@@ -22,9 +26,9 @@
 #endif
 
 #include "../conv_args.h"
+#include "core_adapters.h"
 #include "cpu_features.h"
 #include "kernel_choice.h"
-#include "core_adapters.h"
 #include "neon_kernels.h"
 #include "output_transform.h"
 #include "pixel_grid.h"
