@@ -41,7 +41,7 @@ fi
 
 step "build tests/cpp/test_neon_core.cpp for aarch64"
 $cxx "${flags[@]}" -pthread tests/cpp/test_neon_core.cpp csrc/cpu/kernel_core.cpp \
-  csrc/cpu/codebook_conv_neon.cpp csrc/cpu/binary_conv_neon.cpp -o "$out/test_neon_core"
+  csrc/cpu/lut_neon.cpp csrc/cpu/binary_neon.cpp -o "$out/test_neon_core"
 
 step "run it under qemu-aarch64 (Cortex-A53)"
 # Cortex-A53 (ARMv8.0): an instruction newer than ARMv8.0 + Advanced SIMD would fault here.

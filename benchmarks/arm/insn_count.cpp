@@ -8,7 +8,7 @@
 // counts from the binarized input bytes to the float output: input packing, LUT / weight
 // layout, the kernel, the store.
 //
-// `portable` is csrc/cpu/codebook_conv.cpp's codebook_conv_portable (and packing.cpp's
+// `portable` is csrc/cpu/conv2d.cpp's codebook_conv_portable (and input_bytes.cpp's
 // patch_row / valid_row) loop for loop on plain arrays: the library's portable path is written
 // against ATen, which does not exist under qemu.
 #include <cstdint>
@@ -148,7 +148,7 @@ int main(int argc, char** argv) {
   std::vector<uint64_t> weight(cout * taps * words);
   for (auto& w : weight) w = rng();
   if (cin < 64)
-    for (auto& w : weight) w &= core::low_mask(cin);
+    for (auto& w : weight) w &= core::low_bits(cin);
   // A channels_last float32 output (the layout the README recommends): contiguous channel rows.
   std::vector<float> out(cout * g.out_h * g.out_w), check(out.size());
   const int64_t positions = g.out_h * g.out_w;

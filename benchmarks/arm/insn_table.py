@@ -62,7 +62,7 @@ def build(tmp):
     subprocess.run(["aarch64-linux-gnu-g++", "-O3", "-std=c++17", "-I" + os.path.join(ROOT, "csrc"),
                     os.path.join(ROOT, "benchmarks/arm/insn_count.cpp")] +
                    [os.path.join(ROOT, "csrc/cpu", f) for f in
-                    ("kernel_core.cpp", "codebook_conv_neon.cpp", "binary_conv_neon.cpp")] +
+                    ("kernel_core.cpp", "lut_neon.cpp", "binary_neon.cpp")] +
                    ["-o", exe], check=True)
     return plugin, exe
 

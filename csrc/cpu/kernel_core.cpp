@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "workspace.h"
 
@@ -19,7 +20,8 @@ uint64_t pack_bytes_portable(const uint8_t* bytes, int64_t count) {
   return word;
 }
 
-PixelGrid pack_grid(const InputBits& in, const ConvGeometry& g, PackBytes pack, const ParallelFor& par) {
+PixelGrid pack_grid_rows(const ConvGeometry& g, const PackRow& pack_row, const ParallelFor& par,
+                         const RowDone& row_done) {
   PixelGrid px;
   px.groups = g.groups;
   px.hp = g.in_h + 2 * g.pad_h;
@@ -46,40 +48,51 @@ PixelGrid pack_grid(const InputBits& in, const ConvGeometry& g, PackBytes pack, 
       }
     }
   }
+  // The pad pixel: all valid channel bits set for pad_value = +1, else 0.
   std::vector<uint64_t> pad(px.words, 0);
   if (g.pad_value > 0)
-    for (int64_t k = 0; k < px.words; ++k) pad[k] = low_mask(std::min<int64_t>(64, cin_g - 64 * k));
+    for (int64_t k = 0; k < px.words; ++k) pad[k] = low_bits(std::min<int64_t>(64, cin_g - 64 * k));
 
   uint64_t* dst = px.storage.get();
   par(g.batch * px.hp, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> gathered(in.s_c == 1 ? 0 : 64);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / px.hp, h = row % px.hp, ih = h - g.pad_h;
       const bool pad_row = ih < 0 || ih >= g.in_h;
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         uint64_t* out = dst + (((n * g.groups + grp) * px.hp + h) * px.wp) * px.words;
         for (int64_t w = 0; w < px.wp; ++w) {
-          uint64_t* pixel = out + w * px.words;
-          const int64_t iw = w - g.pad_w;
-          if (pad_row || iw < 0 || iw >= g.in_w) {
-            std::copy(pad.begin(), pad.end(), pixel);
-            continue;
-          }
-          const uint8_t* src = in.data + n * in.s_n + ih * in.s_h + iw * in.s_w + grp * cin_g * in.s_c;
-          for (int64_t k = 0; k < px.words; ++k) {
-            const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
-            if (in.s_c == 1) {
-              pixel[k] = pack(src + 64 * k, count);
-            } else {
-              for (int64_t c = 0; c < count; ++c) gathered[c] = src[(64 * k + c) * in.s_c];
-              pixel[k] = pack(gathered.data(), count);
-            }
-          }
+          if (pad_row || w < g.pad_w || w >= g.pad_w + g.in_w)
+            std::copy(pad.begin(), pad.end(), out + w * px.words);
         }
+        if (!pad_row) pack_row(n, grp, ih, out + g.pad_w * px.words);
+        if (row_done) row_done(px, n, grp, h);
       }
     }
   });
   return px;
+}
+
+PixelGrid pack_grid(const InputBits& in, const ConvGeometry& g, PackBytes pack, const ParallelFor& par,
+                    const RowDone& row_done) {
+  const int64_t cin_g = g.in_per_group(), words = (cin_g + 63) / 64;
+  const auto pack_row = [&](int64_t n, int64_t grp, int64_t ih, uint64_t* pixels) {
+    // Channels with a stride are gathered into a contiguous run first.
+    uint8_t gathered[64];
+    const uint8_t* row = in.data + n * in.s_n + ih * in.s_h + grp * cin_g * in.s_c;
+    for (int64_t iw = 0; iw < g.in_w; ++iw, pixels += words) {
+      const uint8_t* src = row + iw * in.s_w;
+      for (int64_t k = 0; k < words; ++k) {
+        const int64_t count = std::min<int64_t>(64, cin_g - 64 * k);
+        if (in.s_c == 1) {
+          pixels[k] = pack(src + 64 * k, count);
+        } else {
+          for (int64_t c = 0; c < count; ++c) gathered[c] = src[(64 * k + c) * in.s_c];
+          pixels[k] = pack(gathered, count);
+        }
+      }
+    }
+  };
+  return pack_grid_rows(g, pack_row, par, row_done);
 }
 
 std::vector<uint8_t> build_lut(const uint64_t* sign, const uint64_t* mask, int64_t n, int64_t taps) {
@@ -114,9 +127,10 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
   const int64_t taps = g.taps(), cin_g = g.in_per_group(), cout_g = g.out_per_group();
   const int64_t positions = g.out_h * g.out_w;
   const int64_t lut_bytes = static_cast<int64_t>(lut.size());
-  // Work item = (image, group, tile of positions, range of 64-channel blocks), as in the x86
-  // driver: a tile's border scratch (positions x C_in/groups rows) stays under ~256 KiB, and
-  // small images split the output channels too so that every thread gets a share.
+  if (ops.max_rows < 1 || ops.max_rows > kLutMaxRows) throw std::logic_error("LutOps::max_rows out of range");
+  // Work item = (image, group, tile of positions, range of 64-channel blocks). A tile's border
+  // scratch area (positions x C_in/groups rows) stays under ~256 KiB so it lives in L2. Small
+  // images (batch 1, 7x7) split the output channels too, so every thread gets a fair share.
   const bool zero_pad = g.pad_value == 0 && (g.pad_h > 0 || g.pad_w > 0);
   const int64_t want_items = 4 * std::max(1, threads);
   const int64_t per_image = g.batch * g.groups;
@@ -128,9 +142,18 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
     tile = std::max<int64_t>(1, (per_image * positions + want_items - 1) / want_items);
     tiles = (positions + tile - 1) / tile;
   }
-  if (zero_pad) {  // the uint32 offsets address the LUT and the tile's scratch (lut_applies)
-    tile = std::max<int64_t>(1, std::min(tile, (kMaxLutOffsetBytes - lut_bytes) / (cin_g * kLutRowBytes)));
-    tiles = (positions + tile - 1) / tile;
+  if (zero_pad) {
+    // The border scratch rows must stay addressable by uint32 offsets (lut_applies admits only
+    // layers where one position fits), and a very wide layer's should stay within
+    // kLutScratchBudget per thread: a tile of fewer positions only costs index reuse, on layers
+    // far wider than any real one.
+    const int64_t row_bytes = cin_g * kLutRowBytes;
+    const int64_t addressable = (kMaxLutOffsetBytes - lut_bytes) / row_bytes;
+    const int64_t max_tile = std::max<int64_t>(1, std::min(addressable, kLutScratchBudget / row_bytes));
+    if (tile > max_tile) {
+      tile = max_tile;
+      tiles = (positions + tile - 1) / tile;
+    }
   }
   const int64_t scratch_rows = zero_pad ? tile * cin_g : 0;
   const int32_t bias = static_cast<int32_t>(cin_g * taps);
@@ -143,7 +166,7 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
     std::memcpy(base, lut.data(), lut_bytes);
     std::vector<uint32_t> offsets(tile * cin_g);
     std::vector<const uint64_t*> pixels(taps);
-    alignas(64) int32_t out[8 * 64];
+    alignas(64) int32_t out[kLutMaxRows * 64];
 
     for (int64_t work = begin; work < end; ++work) {
       const int64_t split = work % co_split, item = work / co_split;
@@ -156,7 +179,7 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
         const uint64_t valid = px.tap_pixels(img, grp, p / g.out_w, p % g.out_w, pixels.data());
         uint32_t* off = offsets.data() + r * cin_g;
         ops.patch_offsets(pixels.data(), taps, cin_g, off);
-        const uint64_t outside = low_mask(taps) & ~valid;
+        const uint64_t outside = low_bits(taps) & ~valid;
         if (outside == 0) continue;
         // Outside taps read 0 bits (-1); their +1 twin sets them.
         ops.border_rows(base, off, cin_g, static_cast<uint32_t>(outside * kLutRowBytes),
@@ -174,6 +197,9 @@ void lut_conv(const PixelGrid& px, const std::vector<uint8_t>& lut, const uint8_
         }
       }
     }
+    // A wide layer's border scratch (C_in/groups rows per tile position) can reach
+    // kLutScratchBudget: keep at most Workspace::kKeptBytes per thread after the call.
+    rows_space.trim();
   });
 }
 

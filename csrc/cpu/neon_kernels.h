@@ -1,7 +1,8 @@
-// The NEON (aarch64 Advanced SIMD) kernels, ATen-free: codebook_conv_neon.cpp (conv2d's LUT
-// kernel with TBL) and binary_conv_neon.cpp (binary_conv2d with EOR + CNT + UADALP). Every
+// The NEON (aarch64 Advanced SIMD) kernels, ATen-free: lut_neon.cpp (conv2d's LUT
+// kernel with TBL) and binary_neon.cpp (binary_conv2d with EOR + CNT + UADALP). Every
 // aarch64 CPU has Advanced SIMD, so these are compiled for aarch64 only and always available
-// there. neon_aten.cpp adapts them to ATen; tests/cpp/test_neon_core.cpp checks them under qemu.
+// there. The op entries (lut_kernel.cpp, binary_conv2d.cpp) call them through core_adapters.h;
+// tests/cpp/test_neon_core.cpp checks them under qemu.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +26,7 @@ core::LutOps lut_ops();
 // core::PackBytes with 16-byte compares and pairwise adds.
 uint64_t pack_bytes(const uint8_t* bytes, int64_t count);
 
-// binary_conv2d: `weight` is the (C_out, taps, words) channel-packed dense weight (packing.h's
+// binary_conv2d: `weight` is the (C_out, taps, words) channel-packed dense weight (weight_packing.h's
 // pack_weight_channels layout), `px` the packed input.
 void binary_conv(const core::PixelGrid& px, const uint64_t* weight, const ConvGeometry& g,
                  const core::ParallelFor& par, const core::TileStore& store);

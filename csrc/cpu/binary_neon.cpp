@@ -1,10 +1,10 @@
 // NEON (aarch64 Advanced SIMD) binary_conv2d: dense XNOR-popcount over channel-packed bits,
 // the shape of Larq Compute Engine's aarch64 bgemm (EOR, CNT, byte adds, UADALP), written for
-// this library's packed layout (packing.h): a pixel / weight tap is `words` 64-bit words of
-// C_in/groups channel bits, and a (position, output channel) dot product over +-1 values is
-// valid taps x C_in/groups - 2 x popcount(x ^ w) summed over taps and words. For zero padding
-// the padded pixels hold zero bits and each outside tap gives back popcount(w) (as the x86
-// kernels do).
+// this library's packed layout (pixel_grid.h, weight_packing.h): a pixel / weight tap is
+// `words` 64-bit words of C_in/groups channel bits, and a (position, output channel) dot
+// product over +-1 values is valid taps x C_in/groups - 2 x popcount(x ^ w) summed over taps
+// and words. For zero padding the padded pixels hold zero bits and each outside tap gives back
+// popcount(w) (as the x86 kernels do).
 //
 // Instruction-level reasoning (a two-ASIMD-pipe Cortex-A7x such as the A76; figures from Arm's
 // Cortex-A720 Software Optimization Guide: EOR, CNT, ADD 2 per cycle; UADALP 1 per cycle on V1;
@@ -118,7 +118,7 @@ void binary_tiles(const core::PixelGrid& px, const Plan& plan, const ConvGeometr
           const int32x4_t mismatches = vreinterpretq_s32_u32(vcombine_u32(vmovn_u64(lo), vmovn_u64(hi)));
           vst1q_s32(tile + r * kCols + 2 * c, vsubq_s32(total, vshlq_n_s32(mismatches, 1)));
         }
-        const uint64_t outside = core::low_mask(taps) & ~valid[r];
+        const uint64_t outside = core::low_bits(taps) & ~valid[r];
         if (outside == 0) continue;
         for (int64_t col = 0; col < cols; ++col) {
           const int32_t* counts = plan.tap_counts.data() + (grp * cout_g + co0 + col) * taps;

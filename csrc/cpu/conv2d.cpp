@@ -1,14 +1,11 @@
 // CPU backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
-// Dispatch, all giving identical integers:
-//  - amx, n <= 64 codewords, a layer wide enough for tiles: decode the weights, int8 tile
-//    products (codebook_amx.h, codebook_conv_amx.cpp);
-//  - amx / avx512 / avx2, n <= 64 and kh * kw <= 10 taps: the LUT kernel (codebook_lut.h,
-//    codebook_conv_avx512.cpp); neon, the same: its TBL version (codebook_conv_neon.cpp);
-//  - the portable path, and every path for larger codebooks or kernels: the kernel below.
+// Which kernel runs is kernel_choice.h's choose_codebook_kernel: the tile kernel (amx), the
+// LUT kernel (avx512, avx2, neon; lut_kernel.h) or the portable kernel below; all give
+// identical integers.
 //
 // Algorithm (portable path): for every output row, bit-pack each input channel's patches
-// (one 64-bit word per patch, csrc/cpu/packing.h), compute the n codeword responses of each
+// (one 64-bit word per patch, input_bytes.h), compute the n codeword responses of each
 // patch once with XOR + popcount, then let every output channel gather and sum, over its
 // C_in/groups input channels, the response named by its index. Integer accumulation; the
 // output transform (output_transform.h) is applied once at the end.
@@ -21,11 +18,14 @@
 
 #include "../conv_args.h"
 #include "codebook_amx.h"
-#include "codebook_lut.h"
+#include "codebook_packing.h"
 #include "cpu_features.h"
-#include "neon_aten.h"
+#include "index_table.h"
+#include "input_bytes.h"
+#include "kernel_choice.h"
+#include "lut_kernel.h"
+#include "neon_kernels.h"
 #include "output_transform.h"
-#include "packing.h"
 
 namespace sparks {
 namespace cpu {
@@ -109,22 +109,31 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& codebook,
   if (output.numel() == 0) return output;
 
   const OutputTransform writer(output, scale, bias, fused, g, isa);
-  if (isa == Isa::kAmx && amx_kernel_applies(g, cb.size()) && (isa_forced() || amx_kernel_pays(g))) {
-    codebook_conv_amx(input, fused.threshold, cb, indices, g, writer);
-    return output;
-  }
-#if SPARKS_NEON_COMPILED
-  if (isa == Isa::kNeon && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_neon(input, fused.threshold, cb, indices, g, writer);
-    return output;
-  }
+  const CodebookKernel kernel = choose_codebook_kernel(g, cb.size(), isa, isa_forced());
+  switch (kernel) {
+    case CodebookKernel::kTileAmx:
+      codebook_conv_amx(input, fused.threshold, cb, indices, g, writer);
+      break;
+#if defined(__x86_64__)
+    case CodebookKernel::kLutAvx512:
+      codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa, lut_ops_avx512());
+      break;
+    case CodebookKernel::kLutAvx2:
+      codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa, lut_ops_avx2());
+      break;
 #endif
-  if (isa != Isa::kPortable && lut_kernel_applies(g, cb.size())) {
-    codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa);
-    return output;
+#if SPARKS_NEON_COMPILED
+    case CodebookKernel::kLutNeon:
+      codebook_conv_lut(input, fused.threshold, cb, indices, g, writer, isa, neon::lut_ops());
+      break;
+#endif
+    case CodebookKernel::kPortable:
+      codebook_conv_portable(binarize_input(input, fused.threshold), cb, indices.to(at::kInt).contiguous(), g,
+                             writer);
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "the ", kernel_name(kernel), " kernel is not compiled for this CPU");
   }
-  const at::Tensor idx = indices.to(at::kInt).contiguous();
-  codebook_conv_portable(binarize_input(input, fused.threshold), cb, idx, g, writer);
   return output;
 }
 

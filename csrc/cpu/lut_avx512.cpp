@@ -1,4 +1,4 @@
-// AVX-512 (BW + VBMI) inner loops of the LUT codebook kernel (codebook_lut.h).
+// AVX-512 (BW + VBMI) inner loops of the LUT codebook kernel (lut_kernel.h).
 //
 // Instruction-level reasoning. The work of a layer is one term per (position, input channel,
 // output channel): the response of the patch to the codeword that output channel names.
@@ -15,7 +15,7 @@
 //    index vector 8 times; the scalar work per term is one 32-bit offset load (its address).
 //  - Patch ids of 64 input channels at once: vpermb + gf2p8affineqb transpose the (tap x channel)
 //    bit matrix (patch_offsets_avx512), ~20 instructions per position and 64 channels.
-#include "codebook_lut.h"
+#include "lut_kernel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -51,11 +51,11 @@ SPARKS_TARGET_AVX512 void patch_offsets_avx512(const uint64_t* const* pixels, in
     const __m128i quarters[4] = {_mm512_extracti32x4_epi32(ids, 0), _mm512_extracti32x4_epi32(ids, 1),
                                  _mm512_extracti32x4_epi32(ids, 2), _mm512_extracti32x4_epi32(ids, 3)};
     for (int q = 0; q * 16 < left; ++q) {
-      __m512i off = _mm512_slli_epi32(_mm512_cvtepu8_epi32(quarters[q]), 6);  // * kLutRow
+      __m512i off = _mm512_slli_epi32(_mm512_cvtepu8_epi32(quarters[q]), 6);  // * kLutRowBytes
       off = _mm512_mask_add_epi32(off, static_cast<__mmask16>(high[0] >> (16 * q)), off,
-                                  _mm512_set1_epi32(static_cast<int>(kLutRow << 8)));
+                                  _mm512_set1_epi32(static_cast<int>(core::kLutRowBytes << 8)));
       off = _mm512_mask_add_epi32(off, static_cast<__mmask16>(high[1] >> (16 * q)), off,
-                                  _mm512_set1_epi32(static_cast<int>(kLutRow << 9)));
+                                  _mm512_set1_epi32(static_cast<int>(core::kLutRowBytes << 9)));
       const int64_t n16 = std::min<int64_t>(16, left - 16 * q);
       _mm512_mask_storeu_epi32(offsets + 64 * k + 16 * q, static_cast<__mmask16>((1u << n16) - 1), off);
     }
@@ -64,7 +64,7 @@ SPARKS_TARGET_AVX512 void patch_offsets_avx512(const uint64_t* const* pixels, in
 
 SPARKS_TARGET_AVX512 void border_rows_avx512(uint8_t* base, uint32_t* offsets, int64_t cin,
                                              uint32_t plus, uint32_t scratch) {
-  for (int64_t ci = 0; ci < cin; ++ci, scratch += kLutRow) {
+  for (int64_t ci = 0; ci < cin; ++ci, scratch += core::kLutRowBytes) {
     const __m512i minus_row = _mm512_load_si512(base + offsets[ci]);
     const __m512i plus_row = _mm512_load_si512(base + (offsets[ci] | plus));
     _mm512_store_si512(base + scratch, _mm512_avg_epu8(minus_row, plus_row));
@@ -143,7 +143,7 @@ void gather_avx512(const uint8_t* base, const uint32_t* offsets, int64_t ld_off,
 
 }  // namespace
 
-LutKernel lut_kernel_avx512() {
+core::LutOps lut_ops_avx512() {
   return {&patch_offsets_avx512, &gather_avx512, &border_rows_avx512, 8};
 }
 

@@ -1,10 +1,10 @@
-// AVX2 inner loops of the LUT codebook kernel (codebook_lut.h): the same algorithm as the
+// AVX2 inner loops of the LUT codebook kernel (lut_kernel.h): the same algorithm as the
 // AVX-512 one with 32-byte vectors and no vpermb. `vpshufb` looks up 16 entries per 128-bit
 // lane, so a row of n codewords is ceil(n / 16) sub-tables; each output channel's index selects
 // within a sub-table (low 4 bits) and a saturating add pushes the lanes of other sub-tables
 // to bit 7, which vpshufb turns into 0. Per 32 output channels and (position, input channel):
 // ceil(n / 16) x (vbroadcasti128 + vpshufb + vpaddb).
-#include "codebook_lut.h"
+#include "lut_kernel.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -25,7 +25,7 @@ SPARKS_TARGET_AVX2 void patch_offsets_avx2(const uint64_t* const* pixels, int64_
       const uint64_t byte = (pixels[t][c0 >> 6] >> (c0 & 63)) & 0xff;
       const uint64_t spread = _pdep_u64(byte, 0x0101010101010101ull);  // one 0/1 byte per channel
       const __m256i bits = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(spread)));
-      acc = _mm256_or_si256(acc, _mm256_sll_epi32(bits, _mm_cvtsi64_si128(t + 6)));  // * kLutRow
+      acc = _mm256_or_si256(acc, _mm256_sll_epi32(bits, _mm_cvtsi64_si128(t + 6)));  // * kLutRowBytes
     }
     if (cin - c0 >= 8) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + c0), acc);
@@ -39,8 +39,8 @@ SPARKS_TARGET_AVX2 void patch_offsets_avx2(const uint64_t* const* pixels, int64_
 
 SPARKS_TARGET_AVX2 void border_rows_avx2(uint8_t* base, uint32_t* offsets, int64_t cin,
                                          uint32_t plus, uint32_t scratch) {
-  for (int64_t ci = 0; ci < cin; ++ci, scratch += kLutRow) {
-    for (int64_t h = 0; h < kLutRow; h += 32) {
+  for (int64_t ci = 0; ci < cin; ++ci, scratch += core::kLutRowBytes) {
+    for (int64_t h = 0; h < core::kLutRowBytes; h += 32) {
       const __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(base + offsets[ci] + h));
       const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(base + (offsets[ci] | plus) + h));
       _mm256_store_si256(reinterpret_cast<__m256i*>(base + scratch + h), _mm256_avg_epu8(a, b));
@@ -140,7 +140,7 @@ void gather_avx2(const uint8_t* base, const uint32_t* offsets, int64_t ld_off, i
 
 }  // namespace
 
-LutKernel lut_kernel_avx2() { return {&patch_offsets_avx2, &gather_avx2, &border_rows_avx2, 4}; }
+core::LutOps lut_ops_avx2() { return {&patch_offsets_avx2, &gather_avx2, &border_rows_avx2, 4}; }
 
 }  // namespace cpu
 }  // namespace sparks

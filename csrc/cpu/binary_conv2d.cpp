@@ -1,11 +1,15 @@
 // CPU backend of sparks::binary_conv2d: the dense XNOR-popcount binary convolution, the honest
 // baseline of the codebook op (what larq / daBNN / bitorch-engine do).
 //
-// Input and weight are packed along channels (packing.h): a kernel tap of one output channel
-// and one input pixel are each C_in/groups bits, and their dot product over +-1 values is
-// C_in/groups - 2 * popcount(x ^ w). For zero padding a tap outside the image contributes 0:
-// the kernels sum every tap (padding pixels hold zero bits) and take back popcount(w) for the
-// outside taps, which only border positions have.
+// Input and weight are packed along channels (pixel_grid.h, weight_packing.h): a kernel tap of
+// one output channel and one input pixel are each C_in/groups bits, and their dot product over
+// +-1 values is C_in/groups - 2 * popcount(x ^ w). For zero padding a tap outside the image
+// contributes 0: the kernels sum every tap (padding pixels hold zero bits) and take back
+// popcount(w) for the outside taps, which only border positions have.
+//
+// Every CPU kernel counts XOR mismatches. The CUDA GEMM (csrc/cuda/binary_conv.cu) computes the
+// same integers with AND algebra instead, 4 popc(x & w) - 2 popc(x) - 2 popc(w) + taps, because
+// AND + popcount is what the tensor cores do natively.
 //
 // AVX-512 (VPOPCNTDQ): 8 output channels per zmm lane group, 4 positions x 32 channels of
 // accumulators; per (tap, word): 4 weight loads, 4 broadcasts, 16 x (vpxorq, vpopcntq, vpaddq).
@@ -22,34 +26,25 @@
 #endif
 
 #include "../conv_args.h"
+#include "core_adapters.h"
 #include "cpu_features.h"
-#include "neon_aten.h"
+#include "kernel_choice.h"
+#include "neon_kernels.h"
 #include "output_transform.h"
-#include "packing.h"
+#include "pixel_grid.h"
+#include "weight_packing.h"
 
 namespace sparks {
 namespace cpu {
 namespace {
 
 struct BinaryProblem {
-  const PackedPixels& px;
+  const core::PixelGrid& px;
   const uint64_t* weight;  // (C_out, taps, words)
   const ConvGeometry& g;
   const OutputTransform& out;
   int64_t taps() const { return g.taps(); }
 };
-
-// popcount(w) of each (output channel, tap): what an outside tap must give back.
-std::vector<int32_t> weight_tap_counts(const BinaryProblem& bp) {
-  const int64_t taps = bp.taps(), words = bp.px.words;
-  std::vector<int32_t> counts(bp.g.out_channels * taps);
-  for (int64_t r = 0; r < bp.g.out_channels * taps; ++r) {
-    int32_t c = 0;
-    for (int64_t k = 0; k < words; ++k) c += __builtin_popcountll(bp.weight[r * words + k]);
-    counts[r] = c;
-  }
-  return counts;
-}
 
 // Output rows [begin, end) of (n, group, oh): the portable kernel, also compiled with the
 // popcnt instruction as the "avx2" path.
@@ -64,7 +59,7 @@ __attribute__((always_inline)) inline void binary_rows_scalar(const BinaryProble
     const int64_t oh = item % g.out_h, grp = (item / g.out_h) % g.groups;
     const int64_t n = item / (g.out_h * g.groups);
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
-      const uint64_t valid = tap_pixels(bp.px, n, grp, oh, ow, pixels.data());
+      const uint64_t valid = bp.px.tap_pixels(n, grp, oh, ow, pixels.data());
       const int32_t total = static_cast<int32_t>(__builtin_popcountll(valid) * cin_g);
       for (int64_t co = 0; co < cout_g; ++co) {
         const uint64_t* w = bp.weight + (grp * cout_g + co) * taps * words;
@@ -81,6 +76,9 @@ __attribute__((always_inline)) inline void binary_rows_scalar(const BinaryProble
   }
 }
 
+// Output rows [begin, end) of (n, group, oh), compiled for one family.
+using BinaryRows = void (*)(const BinaryProblem& bp, int64_t begin, int64_t end);
+
 void binary_rows_portable(const BinaryProblem& bp, int64_t begin, int64_t end) {
   binary_rows_scalar(bp, begin, end);
 }
@@ -92,14 +90,9 @@ __attribute__((target("avx2,popcnt,bmi2"))) void binary_rows_avx2(const BinaryPr
 }
 #endif
 
-void binary_conv_scalar(const BinaryProblem& bp, Isa isa) {
+void binary_conv_rows(const BinaryProblem& bp, BinaryRows rows) {
   const ConvGeometry& g = bp.g;
-  at::parallel_for(0, g.batch * g.groups * g.out_h, 1, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__)
-    if (isa == Isa::kAvx2) return binary_rows_avx2(bp, begin, end);
-#endif
-    binary_rows_portable(bp, begin, end);
-  });
+  at::parallel_for(0, g.batch * g.groups * g.out_h, 1, [&](int64_t begin, int64_t end) { rows(bp, begin, end); });
 }
 
 #if defined(__x86_64__)
@@ -129,7 +122,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt"))) void
     uint64_t valid[kPos];
     for (int64_t r = 0; r < kPos; ++r) {
       const int64_t p = p0 + std::min(r, rows - 1);  // a short tile repeats its last position
-      valid[r] = tap_pixels(bp.px, n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
+      valid[r] = bp.px.tap_pixels(n, grp, p / g.out_w, p % g.out_w, pixels.data() + r * taps);
     }
     for (int64_t c0 = 0; c0 < cout_g; c0 += kCols) {
       __m512i acc[kPos][4];
@@ -178,7 +171,7 @@ void binary_conv_avx512(const BinaryProblem& bp) {
       for (int64_t tk = 0; tk < taps * words; ++tk)
         plan.wt[(grp * taps * words + tk) * plan.cout_pad + co] =
             bp.weight[(grp * cout_g + co) * taps * words + tk];
-  plan.tap_counts = weight_tap_counts(bp);
+  plan.tap_counts = core::weight_tap_counts(bp.weight, g.out_channels * taps, words);
   at::parallel_for(0, g.batch * g.groups * plan.tiles, 1, [&](int64_t begin, int64_t end) {
     binary_tiles_avx512(bp, plan, begin, end);
   });
@@ -201,24 +194,22 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = allocate_output(input, g);
   if (output.numel() == 0) return output;
 
-#if SPARKS_NEON_COMPILED
-  if (isa == Isa::kNeon) {  // EOR + CNT + UADALP (binary_conv_neon.cpp)
-    binary_conv_neon(input, fused.threshold, packed_weight, g, OutputTransform(output, scale, bias, fused, g, isa));
-    return output;
-  }
-#endif
-  const PackedPixels px = pack_pixels(input, fused.threshold, g, isa);
+  const core::PixelGrid px = pack_pixels(input, fused.threshold, g, isa);
   const OutputTransform writer(output, scale, bias, fused, g, isa);
-  const BinaryProblem bp{px, reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>()), g,
-                         writer};
-  switch (isa) {
+  const uint64_t* weight_bits = reinterpret_cast<const uint64_t*>(packed_weight.data_ptr<int64_t>());
+  const BinaryProblem bp{px, weight_bits, g, writer};
+  const BinaryKernel kernel = choose_binary_kernel(isa);
+  switch (kernel) {
 #if defined(__x86_64__)
-    case Isa::kAvx512:
-    case Isa::kAmx:  // no tile kernel for the dense op: it is the XNOR-popcount baseline
-      binary_conv_avx512(bp);
-      break;
+    case BinaryKernel::kVpopcntAvx512: binary_conv_avx512(bp); break;
+    case BinaryKernel::kPopcntAvx2: binary_conv_rows(bp, &binary_rows_avx2); break;
 #endif
-    default: binary_conv_scalar(bp, isa); break;
+#if SPARKS_NEON_COMPILED
+    case BinaryKernel::kNeon: neon::binary_conv(px, weight_bits, g, aten_parallel(), tile_store(writer)); break;
+#endif
+    case BinaryKernel::kPortable: binary_conv_rows(bp, &binary_rows_portable); break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "the ", kernel_name(kernel), " kernel is not compiled for this CPU");
   }
   return output;
 }

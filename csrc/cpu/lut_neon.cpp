@@ -1,4 +1,4 @@
-// NEON (aarch64 Advanced SIMD) inner loops of the LUT codebook kernel (codebook_lut.h explains
+// NEON (aarch64 Advanced SIMD) inner loops of the LUT codebook kernel (lut_kernel.h explains
 // the algorithm, kernel_core.cpp's lut_conv drives it; the LUT and its zero-padding border rows
 // are those of the x86 kernels).
 //
