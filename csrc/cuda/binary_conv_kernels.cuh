@@ -270,9 +270,9 @@ __device__ __forceinline__ void weight_totals(int tid, const int32_t* __restrict
   }
 }
 
-// A thread's 16-byte piece (half a K step) of A row `row` (= m0 + ld_row) for K step s: read
-// from A, or (kImplicit) gathered from the pixel words through the K-word tables, the padding's
-// word outside the image. Reads the per-row and K-word tables from shared memory.
+// A thread's 16-byte piece (half a K step) of A row m0 + ld_row for K step s: read from A, or
+// (kImplicit) gathered from the pixel words through the K-word tables (the padding's word
+// outside the image). The per-row and K-word tables are read from shared memory.
 template <bool kImplicit>
 struct APieceLoader {
   const uint4* a_src;  // !kImplicit: this piece's row in A, nullptr past the rows
