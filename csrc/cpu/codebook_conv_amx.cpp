@@ -16,10 +16,9 @@
 //  - Input: the padded image as int8 pixels (+1 / -1, 0 for zero padding: pad_value = 0 needs
 //    no correction, and ternary codewords decode to 0 the same way), compared straight from
 //    float32 input with contiguous channels (channels_last), else expanded from packed bits
-//    (packing.h). With stride 1 and
-//    C_in/groups a multiple of 64, tile
-//    loads read A straight from that image (direct mode, below); otherwise each 32-position
-//    block's patch rows are copied into a panel first (patch mode).
+//    (packing.h). With stride 1 and C_in/groups a multiple of 64, tile loads read A straight
+//    from that image (direct mode, make_plan); otherwise each 32-position block's patch rows are
+//    copied into a panel first (patch mode).
 //  - Product: 2 x 2 tiles (32 positions x 32 channels) per step of 64 K bytes: 2 A and 2 B tile
 //    loads for 4 `tdpbssd`, the most reuse the 8 tile registers allow.
 #include "codebook_amx.h"
@@ -52,7 +51,9 @@ struct Plan {
   int64_t cp;        // bytes per tap in a patch row: C_in/groups rounded up to 4
   int64_t k_pad;     // patch row bytes: taps * cp rounded up to 64
   int64_t n_blocks;  // 16-channel output blocks per group, rounded up to even
-  int64_t positions, m_blocks;
+  int64_t positions, m_blocks;  // A rows (out_h x width) and their 32-row blocks
+  bool direct;       // A read straight from the int8 image (make_plan), else from patch panels
+  int64_t width;     // A rows per output row
   int64_t block_bytes() const { return k_pad * kTileRows; }  // one block's decoded weights
 };
 
@@ -251,11 +252,13 @@ int64_t channel_splits(int64_t blocks, int64_t pairs, int64_t pair_bytes, int64_
   return best;
 }
 
-}  // namespace
-
-void codebook_conv_amx(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
-                       const at::Tensor& indices, const ConvGeometry& g,
-                       const OutputTransform& writer) {
+// The call's shapes. Direct mode (stride 1, channels a multiple of 64): A tiles are read
+// straight from the int8 image. Output position (oh, ow) is virtual row q = oh * Wp + ow, whose
+// tap (i, j) pixel is q + i * dil_h * Wp + j * dil_w: consecutive rows are consecutive pixels, so
+// one tile load with a row stride of cp bytes covers 16 positions; rows with ow >= out_w are
+// computed and dropped (2 of every Wp). Otherwise (patch mode) patch_rows copies each
+// 32-position block's patches into a panel first.
+Plan make_plan(const ConvGeometry& g) {
   Plan p;
   p.cin_g = g.in_per_group();
   p.cout_g = g.out_per_group();
@@ -263,123 +266,230 @@ void codebook_conv_amx(const at::Tensor& input, const at::Tensor& threshold, con
   p.cp = (p.cin_g + 3) / 4 * 4;
   p.k_pad = (p.taps * p.cp + kTileK - 1) / kTileK * kTileK;
   p.n_blocks = (p.cout_g + kBlock - 1) / kBlock * 2;
-
-  // The input as int8 pixels, (N, groups, Hp, Wp, cp) bytes, plus slack for the reads of the
-  // direct mode's last block.
-  const int64_t hp = g.in_h + 2 * g.pad_h, wp = g.in_w + 2 * g.pad_w;
-  const int64_t image_bytes = hp * wp * p.cp;
-  const int64_t slack = (kBlock + (g.kernel_w - 1) * g.dil_w) * p.cp;
-  static thread_local Workspace image_space;
-  uint8_t* images = image_space.get(g.batch * g.groups * image_bytes + slack);
-  std::memset(images + g.batch * g.groups * image_bytes, 0, slack);
-  if (input.scalar_type() == at::kFloat && input.stride(1) == 1) {
-    // float32 with contiguous channels (channels_last, the fastest input): compares with the
-    // thresholds straight into int8 pixels, skipping the packed bits (benchmarks/RESULTS.md).
-    const float* x = input.data_ptr<float>();
-    std::vector<float> thr(g.in_channels, 0.0f);
-    if (threshold.defined()) {
-      const at::Tensor t = threshold.contiguous();
-      std::copy(t.data_ptr<float>(), t.data_ptr<float>() + g.in_channels, thr.begin());
-    }
-    at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t h = row % hp, grp = (row / hp) % g.groups, n = row / (hp * g.groups);
-        const bool inside = h >= g.pad_h && h < g.pad_h + g.in_h;
-        const float* in_row = inside ? x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) +
-                                           grp * p.cin_g
-                                     : nullptr;
-        binarize_row(in_row, input.stride(3), thr.data() + grp * p.cin_g, g, p, h,
-                     images + row * wp * p.cp);
-      }
-    });
-  } else {  // any dtype and layout: packed bits (packing.h), expanded row by row while in cache
-    pack_pixels(input, threshold, g, Isa::kAmx,
-        [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
-          expand_row(packed, g, p, n, grp, h, images + ((n * g.groups + grp) * hp + h) * wp * p.cp);
-        });
-  }
-
-  // Direct mode (stride 1, channels a multiple of 64): A tiles are read straight from the int8
-  // image. Output position (oh, ow) is virtual row q = oh * Wp + ow, whose tap (i, j) pixel is
-  // q + i * dil_h * Wp + j * dil_w: consecutive rows are consecutive pixels, so one tile load
-  // with a row stride of cp bytes covers 16 positions; rows with ow >= out_w are computed and
-  // dropped (2 of every Wp). Otherwise (patch mode) patch_rows copies each 32-position block's
-  // patches into a panel first.
-  const bool direct = g.stride_h == 1 && g.stride_w == 1 && p.cp % kTileK == 0;
-  const int64_t width = direct ? wp : g.out_w;  // rows per output row
-  p.positions = g.out_h * width;
+  p.direct = g.stride_h == 1 && g.stride_w == 1 && p.cp % kTileK == 0;
+  p.width = p.direct ? g.in_w + 2 * g.pad_w : g.out_w;
+  p.positions = g.out_h * p.width;
   p.m_blocks = (p.positions + kBlock - 1) / kBlock;
-  std::vector<int64_t> tap_offset;  // bytes from a window's top-left pixel
+  return p;
+}
+
+// The input as int8 pixels, (N, groups, Hp, Wp, cp) bytes, plus slack for the reads of the
+// direct mode's last block.
+struct Int8Image {
+  uint8_t* data;
+  int64_t hp, wp;  // padded rows and columns
+  int64_t bytes;   // one (image, group)'s pixels: hp * wp * cp
+  const uint8_t* plane(int64_t img, int64_t grp, int64_t groups) const {
+    return data + (img * groups + grp) * bytes;
+  }
+};
+
+// float32 with contiguous channels (channels_last, the fastest input): compares with the
+// thresholds straight into int8 pixels, skipping the packed bits (benchmarks/RESULTS.md).
+void binarize_float_image(const at::Tensor& input, const at::Tensor& threshold,
+                          const ConvGeometry& g, const Plan& p, const Int8Image& image) {
+  const float* x = input.data_ptr<float>();
+  std::vector<float> thr(g.in_channels, 0.0f);
+  if (threshold.defined()) {
+    const at::Tensor t = threshold.contiguous();
+    std::copy(t.data_ptr<float>(), t.data_ptr<float>() + g.in_channels, thr.begin());
+  }
+  const int64_t hp = image.hp, wp = image.wp;
+  at::parallel_for(0, g.batch * g.groups * hp, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t h = row % hp, grp = (row / hp) % g.groups, n = row / (hp * g.groups);
+      const bool inside = h >= g.pad_h && h < g.pad_h + g.in_h;
+      const float* in_row = inside ? x + n * input.stride(0) + (h - g.pad_h) * input.stride(2) +
+                                         grp * p.cin_g
+                                   : nullptr;
+      binarize_row(in_row, input.stride(3), thr.data() + grp * p.cin_g, g, p, h,
+                   image.data + row * wp * p.cp);
+    }
+  });
+}
+
+// Any dtype and layout: packed bits (packing.h), expanded row by row while in cache.
+void expand_packed_image(const at::Tensor& input, const at::Tensor& threshold,
+                         const ConvGeometry& g, const Plan& p, const Int8Image& image) {
+  pack_pixels(input, threshold, g, Isa::kAmx,
+      [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
+        expand_row(packed, g, p, n, grp, h,
+                   image.data + ((n * g.groups + grp) * image.hp + h) * image.wp * p.cp);
+      });
+}
+
+// The int8 image in `space` (a per-thread workspace the caller trims after the call).
+Int8Image make_int8_image(const at::Tensor& input, const at::Tensor& threshold,
+                          const ConvGeometry& g, const Plan& p, Workspace& space) {
+  Int8Image image;
+  image.hp = g.in_h + 2 * g.pad_h;
+  image.wp = g.in_w + 2 * g.pad_w;
+  image.bytes = image.hp * image.wp * p.cp;
+  const int64_t slack = (kBlock + (g.kernel_w - 1) * g.dil_w) * p.cp;
+  image.data = space.get(g.batch * g.groups * image.bytes + slack);
+  std::memset(image.data + g.batch * g.groups * image.bytes, 0, slack);
+  if (input.scalar_type() == at::kFloat && input.stride(1) == 1)
+    binarize_float_image(input, threshold, g, p, image);
+  else
+    expand_packed_image(input, threshold, g, p, image);
+  return image;
+}
+
+// Where tile_product finds A's K steps: from the int8 image through the taps' offsets (direct
+// mode) or from a patch panel's rows.
+struct AOperand {
+  std::vector<int64_t> tap_offset;  // bytes from a window's top-left pixel to tap t's
+  std::vector<int64_t> step;        // K step s of a row starts step[s] bytes after the row
+  int64_t steps;                    // K steps of 64 bytes
+  int64_t ld;                       // bytes from one A row to the next
+};
+
+AOperand a_operand(const ConvGeometry& g, const Plan& p, int64_t wp) {
+  AOperand a;
   for (int64_t i = 0; i < g.kernel_h; ++i)
     for (int64_t j = 0; j < g.kernel_w; ++j)
-      tap_offset.push_back((i * g.dil_h * wp + j * g.dil_w) * p.cp);
-  const int64_t steps = p.k_pad / kTileK;
-  std::vector<int64_t> a_step(steps);
-  for (int64_t s = 0; s < steps; ++s)
-    a_step[s] = direct ? tap_offset[s * kTileK / p.cp] + s * kTileK % p.cp : s * kTileK;
-  const int64_t a_ld = direct ? p.cp : p.k_pad;
+      a.tap_offset.push_back((i * g.dil_h * wp + j * g.dil_w) * p.cp);
+  a.steps = p.k_pad / kTileK;
+  a.step.resize(a.steps);
+  for (int64_t s = 0; s < a.steps; ++s)
+    a.step[s] = p.direct ? a.tap_offset[s * kTileK / p.cp] + s * kTileK % p.cp : s * kTileK;
+  a.ld = p.direct ? p.cp : p.k_pad;
+  return a;
+}
 
-  const at::Tensor idx_t = index_table(indices);  // (C_in/groups, C_out)
-  const uint8_t* idx = idx_t.data_ptr<uint8_t>();
-  const std::vector<int8_t> tables = tap_tables(cb, p.taps);
-  const int64_t per_split = g.batch * g.groups * p.m_blocks, pairs = p.n_blocks / 2;
-  const int64_t splits = channel_splits(per_split, pairs, 2 * p.block_bytes(), at::get_num_threads());
+// The parallel work: splits x per_split items, each a (range of output-channel pairs, group,
+// image, 32-position block).
+struct WorkSplit {
+  int64_t splits;     // ranges of output-channel pairs (channel_splits)
+  int64_t per_split;  // items per range: groups x images x position blocks
+  int64_t pairs;      // pairs of 16-channel output blocks per group
+  int64_t pair_begin(int64_t split) const { return split * pairs / splits; }
+  int64_t most_pairs() const { return (pairs + splits - 1) / splits; }  // in any one range
+};
 
-  at::parallel_for(0, splits * per_split, 1, [&](int64_t begin, int64_t end) {
-    static thread_local Workspace panel_space, weight_space, quad_space;
-    uint8_t* quads = quad_space.get(p.cp / 4 * 64);
-    uint8_t* panel = direct ? nullptr : panel_space.get(kBlock * p.k_pad);
-    if (!direct)
-      for (int64_t r = 0; r < kBlock; ++r)
-        std::memset(panel + r * p.k_pad + p.taps * p.cp, 0, p.k_pad - p.taps * p.cp);
-    const int64_t range_pairs = (pairs + splits - 1) / splits;
-    uint8_t* weights = weight_space.get(range_pairs * 2 * p.block_bytes());
-    alignas(64) int32_t c[kBlock * kBlock];
-    load_tile_config();
-    int64_t decoded = -1, filled = -1;  // the weights and patch rows in the workspaces
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t split = work / per_split, item = work % per_split;
-      // Items run position blocks fastest, then images, then groups, so that a thread's
-      // decoded weights (of one group) serve all its images.
-      const int64_t m = item % p.m_blocks, img = item / p.m_blocks % g.batch;
-      const int64_t grp = item / (p.m_blocks * g.batch);
-      const int64_t pair0 = split * pairs / splits, pair1 = (split + 1) * pairs / splits;
-      if (decoded != split * g.groups + grp) {
-        // This range's weights: one vpermb per 64 of them (decode_block).
-        for (int64_t ob = 2 * pair0; ob < 2 * pair1; ++ob) {
-          const int64_t co0 = ob * kTileRows;
-          const int64_t cols = std::clamp<int64_t>(p.cout_g - co0, 0, kTileRows);
-          decode_block(idx + grp * p.cout_g + co0, g.out_channels, cols, tables.data(), p, quads,
-                       weights + (ob - 2 * pair0) * p.block_bytes());
-        }
-        decoded = split * g.groups + grp;
-      }
-      const uint8_t* image_data = images + (img * g.groups + grp) * image_bytes;
-      const int64_t q0 = m * kBlock, rows = std::min(kBlock, p.positions - q0);
-      const uint8_t* a = direct ? image_data + q0 * p.cp : panel;
-      if (!direct && filled != item) {
-        patch_rows(image_data, g, p, tap_offset.data(), q0, rows, panel);
-        filled = item;
-      }
-      for (int64_t pair = pair0; pair < pair1; ++pair) {
-        const uint8_t* b0 = weights + 2 * (pair - pair0) * p.block_bytes();
-        tile_product(a, a_ld, a_step.data(), steps, kTileRows * a_ld, b0, b0 + p.block_bytes(), c);
-        const int64_t co = grp * p.cout_g + pair * kBlock, cols = std::min(kBlock, p.cout_g - pair * kBlock);
-        // Rows q0 .. q0 + rows - 1, in runs within one output row (direct mode drops ow >= out_w).
-        for (int64_t r = 0; r < rows;) {
-          const int64_t oh = (q0 + r) / width, ow = (q0 + r) % width;
-          const int64_t run = std::min(rows - r, width - ow);
-          if (ow < g.out_w)
-            writer.store(c + r * kBlock, kBlock, img, oh * g.out_w + ow,
-                         std::min(run, g.out_w - ow), co, cols);
-          r += run;
-        }
-      }
+WorkSplit split_work(const ConvGeometry& g, const Plan& p, int64_t threads) {
+  WorkSplit w;
+  w.per_split = g.batch * g.groups * p.m_blocks;
+  w.pairs = p.n_blocks / 2;
+  w.splits = channel_splits(w.per_split, w.pairs, 2 * p.block_bytes(), threads);
+  return w;
+}
+
+struct WorkItem {
+  int64_t split, item;  // range of pairs; item within it
+  int64_t m, img, grp;  // position block, image, group
+};
+
+// Items run position blocks fastest, then images, then groups, so that a thread's decoded
+// weights (of one group) serve all its images.
+WorkItem work_item(int64_t work, const WorkSplit& w, const Plan& p, const ConvGeometry& g) {
+  WorkItem it;
+  it.split = work / w.per_split;
+  it.item = work % w.per_split;
+  it.m = it.item % p.m_blocks;
+  it.img = it.item / p.m_blocks % g.batch;
+  it.grp = it.item / (p.m_blocks * g.batch);
+  return it;
+}
+
+// The decoded weights of output-channel pairs [pair0, pair1) of group grp, block after block
+// into `weights`: one vpermb per 64 of them (decode_block).
+void decode_pairs(const uint8_t* idx, const int8_t* tables, const ConvGeometry& g, const Plan& p,
+                  int64_t grp, int64_t pair0, int64_t pair1, uint8_t* quads, uint8_t* weights) {
+  for (int64_t ob = 2 * pair0; ob < 2 * pair1; ++ob) {
+    const int64_t co0 = ob * kTileRows;
+    const int64_t cols = std::clamp<int64_t>(p.cout_g - co0, 0, kTileRows);
+    decode_block(idx + grp * p.cout_g + co0, g.out_channels, cols, tables, p, quads,
+                 weights + (ob - 2 * pair0) * p.block_bytes());
+  }
+}
+
+// C's rows q0 .. q0 + rows - 1 (channels co .. co + cols - 1) to the output of image img, in
+// runs within one output row (direct mode drops ow >= out_w).
+void store_rows(const OutputTransform& writer, const int32_t* c, const ConvGeometry& g,
+                const Plan& p, int64_t img, int64_t q0, int64_t rows, int64_t co, int64_t cols) {
+  for (int64_t r = 0; r < rows;) {
+    const int64_t oh = (q0 + r) / p.width, ow = (q0 + r) % p.width;
+    const int64_t run = std::min(rows - r, p.width - ow);
+    if (ow < g.out_w)
+      writer.store(c + r * kBlock, kBlock, img, oh * g.out_w + ow, std::min(run, g.out_w - ow),
+                   co, cols);
+    r += run;
+  }
+}
+
+// What every worker reads.
+struct TileJob {
+  const ConvGeometry& g;
+  const Plan& p;
+  const Int8Image& image;
+  const AOperand& a;
+  const uint8_t* idx;     // (C_in/groups, C_out) index table
+  const int8_t* tables;   // tap_tables
+  const WorkSplit& work;
+  const OutputTransform& writer;
+};
+
+// One thread's items [begin, end): each decodes its range's weights unless this thread holds
+// them already, fills the patch panel (patch mode), and runs the tile products of every pair.
+void run_items(const TileJob& job, int64_t begin, int64_t end) {
+  const ConvGeometry& g = job.g;
+  const Plan& p = job.p;
+  const AOperand& a_op = job.a;
+  const WorkSplit& w = job.work;
+  static thread_local Workspace panel_space, weight_space, quad_space;
+  uint8_t* quads = quad_space.get(p.cp / 4 * 64);
+  uint8_t* panel = p.direct ? nullptr : panel_space.get(kBlock * p.k_pad);
+  if (!p.direct)
+    for (int64_t r = 0; r < kBlock; ++r)
+      std::memset(panel + r * p.k_pad + p.taps * p.cp, 0, p.k_pad - p.taps * p.cp);
+  uint8_t* weights = weight_space.get(w.most_pairs() * 2 * p.block_bytes());
+  alignas(64) int32_t c[kBlock * kBlock];
+  load_tile_config();
+  int64_t decoded = -1, filled = -1;  // the weights and patch rows in the workspaces
+  for (int64_t work = begin; work < end; ++work) {
+    const WorkItem it = work_item(work, w, p, g);
+    const int64_t pair0 = w.pair_begin(it.split), pair1 = w.pair_begin(it.split + 1);
+    if (decoded != it.split * g.groups + it.grp) {
+      decode_pairs(job.idx, job.tables, g, p, it.grp, pair0, pair1, quads, weights);
+      decoded = it.split * g.groups + it.grp;
     }
-    release_tiles();
-    panel_space.trim();
-    weight_space.trim();
-  });
+    const uint8_t* image_data = job.image.plane(it.img, it.grp, g.groups);
+    const int64_t q0 = it.m * kBlock, rows = std::min(kBlock, p.positions - q0);
+    const uint8_t* a = p.direct ? image_data + q0 * p.cp : panel;
+    if (!p.direct && filled != it.item) {
+      patch_rows(image_data, g, p, a_op.tap_offset.data(), q0, rows, panel);
+      filled = it.item;
+    }
+    for (int64_t pair = pair0; pair < pair1; ++pair) {
+      const uint8_t* b0 = weights + 2 * (pair - pair0) * p.block_bytes();
+      tile_product(a, a_op.ld, a_op.step.data(), a_op.steps, kTileRows * a_op.ld, b0,
+                   b0 + p.block_bytes(), c);
+      const int64_t co = it.grp * p.cout_g + pair * kBlock;
+      const int64_t cols = std::min(kBlock, p.cout_g - pair * kBlock);
+      store_rows(job.writer, c, g, p, it.img, q0, rows, co, cols);
+    }
+  }
+  release_tiles();
+  panel_space.trim();
+  weight_space.trim();
+}
+
+}  // namespace
+
+void codebook_conv_amx(const at::Tensor& input, const at::Tensor& threshold, const PackedCodebook& cb,
+                       const at::Tensor& indices, const ConvGeometry& g,
+                       const OutputTransform& writer) {
+  const Plan p = make_plan(g);
+  static thread_local Workspace image_space;
+  const Int8Image image = make_int8_image(input, threshold, g, p, image_space);
+  const AOperand a = a_operand(g, p, image.wp);
+  const at::Tensor idx_t = index_table(indices);  // (C_in/groups, C_out)
+  const std::vector<int8_t> tables = tap_tables(cb, p.taps);
+  const WorkSplit work = split_work(g, p, at::get_num_threads());
+  const TileJob job{g, p, image, a, idx_t.data_ptr<uint8_t>(), tables.data(), work, writer};
+  at::parallel_for(0, work.splits * work.per_split, 1,
+                   [&](int64_t begin, int64_t end) { run_items(job, begin, end); });
   image_space.trim();
 }
 

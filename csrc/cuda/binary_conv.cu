@@ -13,7 +13,8 @@
 // bit. Channel and K padding are 0 bits on both sides and count nowhere.
 //
 // Kernels:
-//   pack_weight_kernel   B (C_out, kwords) and the per-(co, tap) counts of +1 weights,
+//   pack_weight_kernel   B (C_out, kwords) and tap_counts, the per-(co, tap) counts of +1
+//                        weights (the CPU kernels' tap_counts),
 //   pack_input_bits_kernel   A (groups, M, kwords) straight from the input's strides; or, when
 //                        C_in/groups is a multiple of 32, pack_pixels_kernel (32 channel signs
 //                        per word, once per pixel) + gather_patches_kernel (im2col of words),
@@ -65,6 +66,111 @@ bool mma_available(int device) {
   return state == 2;
 }
 
+// The GEMM's shapes and which kernels run.
+struct GemmPlan {
+  int taps;
+  int64_t cin_g, cout_g;
+  int64_t rows;           // M: output positions of all images
+  int64_t kwords_padded;  // K words per row of A and B (a multiple of kStepWords for the MMA)
+  int64_t co_tiles;       // kTileN-column tiles per group
+  bool use_mma;           // tensor-core GEMM, else the CUDA-core one
+  bool by_pixels;         // A from pixel words (C_in/groups a multiple of 32)
+  bool implicit;          // the MMA GEMM reads A's tiles straight from the pixel words
+  int64_t cwords;         // words per pixel when by_pixels
+};
+
+GemmPlan plan_gemm(const ConvGeometry& g, int device) {
+  GemmPlan p;
+  p.taps = static_cast<int>(g.kernel_h * g.kernel_w);
+  p.cin_g = g.in_channels / g.groups;
+  p.cout_g = g.out_channels / g.groups;
+  p.rows = g.batch * g.out_h * g.out_w;
+  const int64_t kwords = (p.cin_g * p.taps + 31) / 32;
+  p.co_tiles = (p.cout_g + kTileN - 1) / kTileN;
+  p.use_mma = !force_portable_path() && p.cout_g >= 16 && g.groups * p.co_tiles <= 65535 &&
+              (p.rows + kTileM - 1) / kTileM <= 0x7fffffff && mma_available(device);
+  p.kwords_padded = p.use_mma ? (kwords + kStepWords - 1) / kStepWords * kStepWords : kwords;
+  p.by_pixels = p.cin_g % 32 == 0 && p.cin_g > 0;
+  p.implicit = p.use_mma && p.by_pixels && p.kwords_padded <= kMaxImplicitWords;
+  p.cwords = p.cin_g / 32;
+  return p;
+}
+
+// B (C_out, kwords_padded) words and tap_counts (C_out, taps), on the stream.
+struct PackedWeight {
+  at::Tensor b, tap_counts;
+};
+
+PackedWeight pack_weight(const at::Tensor& weight, const ConvGeometry& g, const GemmPlan& p,
+                         const at::TensorOptions& i32, cudaStream_t stream) {
+  PackedWeight packed{at::empty({g.out_channels, p.kwords_padded}, i32),
+                      at::empty({g.out_channels, p.taps}, i32)};
+  const int64_t per_co = std::max<int64_t>(p.kwords_padded, p.taps);
+  const unsigned int grid = grid_for(g.out_channels * per_co, kDenseThreads);
+  uint32_t* b_ptr = reinterpret_cast<uint32_t*>(packed.b.data_ptr<int32_t>());
+  if (weight.scalar_type() == at::kBool) {
+    const at::Tensor w = weight.contiguous();
+    pack_weight_kernel<uint8_t><<<grid, kDenseThreads, 0, stream>>>(
+        reinterpret_cast<const uint8_t*>(w.const_data_ptr<bool>()), g.out_channels, p.cin_g,
+        p.taps, p.kwords_padded, b_ptr, packed.tap_counts.data_ptr<int32_t>());
+  } else {
+    // float64 holds every integer and float entry exactly enough to test for -1 / +1.
+    const at::Tensor w = weight.to(at::kDouble).contiguous();
+    pack_weight_kernel<double><<<grid, kDenseThreads, 0, stream>>>(
+        w.const_data_ptr<double>(), g.out_channels, p.cin_g, p.taps, p.kwords_padded, b_ptr,
+        packed.tap_counts.data_ptr<int32_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return packed;
+}
+
+// A's source: the pixel words (by_pixels) and, unless the GEMM is implicit, the
+// (groups, M, kwords_padded) patch matrix, from the pixel words or straight from the input.
+template <typename scalar_t>
+void launch_pack_input(const InputView<scalar_t>& x, bool channels_contiguous,
+                       const ConvGeometry& g, const GemmPlan& p, uint32_t* pixels,
+                       int64_t pixel_words, uint32_t* a, cudaStream_t stream) {
+  if (p.by_pixels) {
+    pack_pixels_kernel<scalar_t>
+        <<<grid_for(channels_contiguous ? 32 * pixel_words : pixel_words, kDenseThreads),
+           kDenseThreads, 0, stream>>>(x, g, p.cwords, channels_contiguous, pixels);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!p.implicit)
+      gather_patches_kernel<<<grid_for(g.groups * p.rows * p.taps, kDenseThreads), kDenseThreads,
+                              0, stream>>>(pixels, g, p.rows, p.cwords, p.kwords_padded, a);
+  } else {
+    pack_input_bits_kernel<scalar_t>
+        <<<grid_for(g.groups * p.rows, kDenseThreads), kDenseThreads, 0, stream>>>(
+            x, g, p.rows, p.kwords_padded, a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_gemm(const ConvGeometry& g, const GemmPlan& p, const uint32_t* a,
+                 const uint32_t* pixels, const PackedWeight& packed,
+                 const OutputTransform<scalar_t>& transform, cudaStream_t stream) {
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(packed.b.const_data_ptr<int32_t>());
+  const int32_t* tap_counts = packed.tap_counts.const_data_ptr<int32_t>();
+  if (p.use_mma) {
+    const dim3 grid(static_cast<unsigned int>((p.rows + kTileM - 1) / kTileM),
+                    static_cast<unsigned int>(g.groups * p.co_tiles));
+    if (p.implicit)
+      binary_gemm_mma_kernel<scalar_t, true>
+          <<<grid, kMmaThreads, implicit_smem_bytes(p.kwords_padded), stream>>>(
+              nullptr, pixels, p.cwords, b, tap_counts, g, p.rows, p.kwords_padded, p.co_tiles,
+              transform);
+    else
+      binary_gemm_mma_kernel<scalar_t, false><<<grid, kMmaThreads, 0, stream>>>(
+          a, pixels, p.cwords, b, tap_counts, g, p.rows, p.kwords_padded, p.co_tiles, transform);
+  } else {
+    binary_gemm_popc_kernel<scalar_t>
+        <<<grid_for(g.groups * p.rows * p.cout_g, kDenseThreads), kDenseThreads, 0, stream>>>(
+            a, b, tap_counts, g, p.rows, p.kwords_padded, transform);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& scale,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -81,90 +187,22 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   if (output.numel() == 0) return output;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int taps = static_cast<int>(g.kernel_h * g.kernel_w);
-  const int64_t cin_g = g.in_channels / g.groups, cout_g = g.out_channels / g.groups;
-  const int64_t rows = g.batch * g.out_h * g.out_w;
-  const int64_t kwords = (cin_g * taps + 31) / 32;
-  const int64_t co_tiles = (cout_g + kTileN - 1) / kTileN;
-  const bool use_mma = !force_portable_path() && cout_g >= 16 &&
-                       g.groups * co_tiles <= 65535 && (rows + kTileM - 1) / kTileM <= 0x7fffffff &&
-                       mma_available(input.get_device());
-  const int64_t kwords_padded =
-      use_mma ? (kwords + kStepWords - 1) / kStepWords * kStepWords : kwords;
-
+  const GemmPlan p = plan_gemm(g, input.get_device());
   const at::TensorOptions i32 = input.options().dtype(at::kInt);
-  const at::Tensor b = at::empty({g.out_channels, kwords_padded}, i32);
-  const at::Tensor wcount = at::empty({g.out_channels, taps}, i32);
-  {
-    const int64_t per_co = std::max<int64_t>(kwords_padded, taps);
-    const unsigned int grid = grid_for(g.out_channels * per_co, kDenseThreads);
-    uint32_t* b_ptr = reinterpret_cast<uint32_t*>(b.data_ptr<int32_t>());
-    if (weight.scalar_type() == at::kBool) {
-      const at::Tensor w = weight.contiguous();
-      pack_weight_kernel<uint8_t><<<grid, kDenseThreads, 0, stream>>>(
-          reinterpret_cast<const uint8_t*>(w.const_data_ptr<bool>()), g.out_channels, cin_g, taps,
-          kwords_padded, b_ptr, wcount.data_ptr<int32_t>());
-    } else {
-      // float64 holds every integer and float entry exactly enough to test for -1 / +1.
-      const at::Tensor w = weight.to(at::kDouble).contiguous();
-      pack_weight_kernel<double><<<grid, kDenseThreads, 0, stream>>>(
-          w.const_data_ptr<double>(), g.out_channels, cin_g, taps, kwords_padded, b_ptr,
-          wcount.data_ptr<int32_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  const bool by_pixels = cin_g % 32 == 0 && cin_g > 0;
-  // The tensor-core GEMM reads A's tiles straight from the pixel words when it can.
-  const bool implicit = use_mma && by_pixels && kwords_padded <= kMaxImplicitWords;
-  const at::Tensor a = at::empty({implicit ? 0 : g.groups * rows * kwords_padded}, i32);
-  const int64_t cwords = cin_g / 32;
+  const PackedWeight packed = pack_weight(weight, g, p, i32, stream);
+  const at::Tensor a = at::empty({p.implicit ? 0 : g.groups * p.rows * p.kwords_padded}, i32);
   const at::Tensor pixels =
-      at::empty({by_pixels ? g.batch * g.groups * g.in_h * g.in_w * cwords : 0}, i32);
+      at::empty({p.by_pixels ? g.batch * g.groups * g.in_h * g.in_w * p.cwords : 0}, i32);
   const TransformTensors tensors = transform_tensors(output, scale, bias, fused);
   const at::Tensor thr = fused.threshold.defined() ? fused.threshold.contiguous() : at::Tensor();
   uint32_t* a_ptr = reinterpret_cast<uint32_t*>(a.data_ptr<int32_t>());
-  const uint32_t* b_ptr = reinterpret_cast<const uint32_t*>(b.const_data_ptr<int32_t>());
+  uint32_t* pixels_ptr = reinterpret_cast<uint32_t*>(pixels.data_ptr<int32_t>());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sparks_binary_conv2d_cuda", [&] {
-    const InputView<scalar_t> x = make_input_view<scalar_t>(input, thr);
-    if (by_pixels) {
-      uint32_t* pixels_ptr = reinterpret_cast<uint32_t*>(pixels.data_ptr<int32_t>());
-      const bool channels_contiguous = input.stride(1) == 1;
-      const int64_t pixel_words = pixels.numel();
-      pack_pixels_kernel<scalar_t>
-          <<<grid_for(channels_contiguous ? 32 * pixel_words : pixel_words, kDenseThreads), kDenseThreads, 0,
-             stream>>>(x, g, cwords, channels_contiguous, pixels_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!implicit)
-        gather_patches_kernel<<<grid_for(g.groups * rows * taps, kDenseThreads), kDenseThreads, 0,
-                                stream>>>(pixels_ptr, g, rows, cwords, kwords_padded, a_ptr);
-    } else {
-      pack_input_bits_kernel<scalar_t><<<grid_for(g.groups * rows, kDenseThreads), kDenseThreads, 0, stream>>>(
-          x, g, rows, kwords_padded, a_ptr);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const OutputTransform<scalar_t> transform = make_output_transform<scalar_t>(output, tensors);
-    if (use_mma) {
-      const dim3 grid(static_cast<unsigned int>((rows + kTileM - 1) / kTileM),
-                      static_cast<unsigned int>(g.groups * co_tiles));
-      const uint32_t* pixels_ptr = reinterpret_cast<const uint32_t*>(pixels.const_data_ptr<int32_t>());
-      if (implicit)
-        binary_gemm_mma_kernel<scalar_t, true>
-            <<<grid, kMmaThreads, implicit_smem_bytes(kwords_padded), stream>>>(
-                nullptr, pixels_ptr, cwords, b_ptr, wcount.const_data_ptr<int32_t>(), g, rows,
-                kwords_padded, co_tiles, transform);
-      else
-        binary_gemm_mma_kernel<scalar_t, false><<<grid, kMmaThreads, 0, stream>>>(
-          a_ptr, pixels_ptr, cwords, b_ptr,
-          wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, co_tiles, transform);
-    } else {
-      binary_gemm_popc_kernel<scalar_t>
-          <<<grid_for(g.groups * rows * cout_g, kDenseThreads), kDenseThreads, 0, stream>>>(
-              a_ptr, b_ptr,
-              wcount.const_data_ptr<int32_t>(), g, rows, kwords_padded, transform);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_pack_input<scalar_t>(make_input_view<scalar_t>(input, thr), input.stride(1) == 1, g, p,
+                                pixels_ptr, pixels.numel(), a_ptr, stream);
+    launch_gemm<scalar_t>(g, p, a_ptr, pixels_ptr, packed,
+                          make_output_transform<scalar_t>(output, tensors), stream);
   });
   return output;
 }
