@@ -1,6 +1,6 @@
 """Packing helpers: {-1,+1} <-> bits, kernels <-> codeword ids, indices at ceil(log2 n) bits.
 
-Bit convention (shared with the C++ kernels, csrc/cpu/packing.h): tap t = i * kw + j of a
+Bit convention (shared with the C++ kernels, csrc/cpu/codebook_packing.h): tap t = i * kw + j of a
 kh x kw kernel is bit t of its codeword id; a set bit means +1. So the 512 binary 3x3 kernels
 are the ids 0..511, and ``ids_to_kernels(torch.arange(2 ** (kh * kw)), kh, kw)`` is the full
 codebook.

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "../conv_args.h"
-#include "codebook_amx.h"
+#include "tile_amx.h"
 #include "codebook_packing.h"
 #include "cpu_features.h"
 #include "index_table.h"

@@ -22,7 +22,7 @@ enum class CodebookKernel {
   kLutAvx2,    // the LUT kernel (lut_kernel.h) with the vpshufb inner loops (lut_avx2.cpp)
   kLutAvx512,  // the LUT kernel with the vpermb inner loops (lut_avx512.cpp)
   kLutNeon,    // the LUT kernel with the TBL inner loops (lut_neon.cpp)
-  kTileAmx,    // decoded int8 weights on the AMX tile unit (codebook_amx.h)
+  kTileAmx,    // decoded int8 weights on the AMX tile unit (tile_amx.h)
 };
 
 enum class BinaryKernel {

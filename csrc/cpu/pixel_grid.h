@@ -19,8 +19,6 @@
 namespace sparks {
 namespace cpu {
 
-// The grid type is the ATen-free core's; PackedPixels is the name the tile kernel uses for it.
-using PackedPixels = core::PixelGrid;
 using core::low_bits;
 
 // The fast kernels materialise the padded input (the pixel grid; the amx kernel's int8 image).

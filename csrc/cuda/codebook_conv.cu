@@ -1,6 +1,6 @@
 // CUDA backend of sparks::conv2d: the codebook-indexed binary convolution.
 //
-// Same algorithm as the CPU kernel (csrc/cpu/codebook_conv.cpp), tiled for the GPU. A block owns
+// Same algorithm as the CPU kernel (csrc/cpu/conv2d.cpp), tiled for the GPU. A block owns
 // 64 consecutive output positions of one image and up to 64 output channels of one group. For
 // each chunk of input channels it
 //   1. binarizes and bit-packs the input patches of its positions (one word per patch, read

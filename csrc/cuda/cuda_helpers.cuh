@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernels of sparks::conv2d and sparks::binary_conv2d.
 //
-// The bit conventions are those of csrc/cpu/packing.h: tap t = i * kw + j of a window is bit t,
+// The bit conventions are those of csrc/cpu/codebook_packing.h: tap t = i * kw + j of a window is bit t,
 // a set bit means +1, a codeword is a (sign, mask) pair and its response to a patch p with
 // validity v is popcount(mask & v) - 2 * popcount(mask & v & (p ^ sign)).
 //

@@ -1,7 +1,7 @@
-// AMX int8 tile kernel of the codebook conv (codebook_amx.h).
+// AMX int8 tile kernel of the codebook conv (tile_amx.h).
 //
 // Instruction-level reasoning. A 3x3 layer does C_in x C_out x positions terms, each a 9-tap
-// response. The LUT kernel (codebook_conv_avx512.cpp) gathers 64 terms per `vpermb`, at most one
+// response. The LUT kernel (lut_avx512.cpp) gathers 64 terms per `vpermb`, at most one
 // per cycle (port 5): 64 terms per cycle and core. The tile unit's `tdpbssd` multiplies a 16 x 64
 // int8 tile by a 64 x 16 one into 16 x 16 int32 sums: 16384 products in 16 cycles, 1024 per cycle
 // (benchmarks/RESULTS.md has the rates measured on registers and in the loop below).
@@ -16,12 +16,12 @@
 //  - Input: the padded image as int8 pixels (+1 / -1, 0 for zero padding: pad_value = 0 needs
 //    no correction, and ternary codewords decode to 0 the same way), compared straight from
 //    float32 input with contiguous channels (channels_last), else expanded from packed bits
-//    (packing.h). With stride 1 and C_in/groups a multiple of 64, tile loads read A straight
+//    (pixel_grid.h). With stride 1 and C_in/groups a multiple of 64, tile loads read A straight
 //    from that image (direct mode, make_plan); otherwise each 32-position block's patch rows are
 //    copied into a panel first (patch mode).
 //  - Product: 2 x 2 tiles (32 positions x 32 channels) per step of 64 K bytes: 2 A and 2 B tile
 //    loads for 4 `tdpbssd`, the most reuse the 8 tile registers allow.
-#include "codebook_amx.h"
+#include "tile_amx.h"
 
 #include "cpu_features.h"
 #include "workspace.h"
@@ -119,7 +119,7 @@ SPARKS_TARGET_AMX void decode_block(const uint8_t* idx, int64_t ld_idx, int64_t 
 
 // The padded input of one (image, group) row h as int8 pixels of cp bytes: +1 / -1 per channel
 // bit, 0 past C_in/groups, and 0 for the padding pixels of pad_value = 0 (zero is neither bit).
-SPARKS_TARGET_AMX void expand_row(const PackedPixels& px, const ConvGeometry& g, const Plan& p,
+SPARKS_TARGET_AMX void expand_row(const core::PixelGrid& px, const ConvGeometry& g, const Plan& p,
                                   int64_t n, int64_t grp, int64_t h, uint8_t* out) {
   const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
   const bool zero_row = g.pad_value == 0 && (h < g.pad_h || h >= g.pad_h + g.in_h);
@@ -308,11 +308,11 @@ void binarize_float_image(const at::Tensor& input, const at::Tensor& threshold,
   });
 }
 
-// Any dtype and layout: packed bits (packing.h), expanded row by row while in cache.
+// Any dtype and layout: packed bits (pixel_grid.h), expanded row by row while in cache.
 void expand_packed_image(const at::Tensor& input, const at::Tensor& threshold,
                          const ConvGeometry& g, const Plan& p, const Int8Image& image) {
   pack_pixels(input, threshold, g, Isa::kAmx,
-      [&](const PackedPixels& packed, int64_t n, int64_t grp, int64_t h) {
+      [&](const core::PixelGrid& packed, int64_t n, int64_t grp, int64_t h) {
         expand_row(packed, g, p, n, grp, h,
                    image.data + ((n * g.groups + grp) * image.hp + h) * image.wp * p.cp);
       });

@@ -1,5 +1,5 @@
 // The tile (AMX int8) codebook kernel: decode the indexed weights to int8 once per call, then
-// one int8 matrix product per (image, group) on the tile unit. See codebook_conv_amx.cpp for
+// one int8 matrix product per (image, group) on the tile unit. See tile_amx.cpp for
 // why this beats the LUT gather on CPUs that have AMX.
 #pragma once
 
