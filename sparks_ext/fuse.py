@@ -25,12 +25,21 @@ by structure, whatever classes the pieces come from:
    ``approx_sign``, ``torch.sign``) are dropped (the op binarizes its input with the same
    ``x >= 0`` test) and per-channel shifts before them become the threshold (RSign's
    ``sign(x - beta)``: threshold beta; ``LearnableBias`` then sign: threshold -b).
+5. In a model that steps 1-4 changed, the real layers around the binary convs are deployed
+   too: an ``nn.ReLU`` whose only user is an ``nn.MaxPool2d`` moves behind it (ReLU is
+   monotone, so ``max_pool(relu(x)) == relu(max_pool(x))`` exactly, and the ReLU then runs on
+   the pooled, smaller tensor: a quarter of the elements for the ImageNet stem's 3x3/2 pool),
+   and every ``nn.Conv2d`` (zero padding, numeric padding) becomes a :class:`OneDnnConv2d`,
+   the same layer calling oneDNN directly (aten sends small 1x1 convs, such as a ResNet's
+   shortcuts at batch 1, to a slower path of its own).
 
 What the rewrite does not recognise stays as it is. A pass changes rounding only where values
 are summed in another order: a folded BatchNorm computes ``acc * (s k) + (b - m) k + beta``
 instead of normalizing ``acc * s + b``; two shifts before a sign are folded into one threshold
 (``x + b - t >= 0`` becomes ``x >= t - b``, which can flip a value within an ulp of the
-threshold); a single shift is exact (``x - t >= 0`` iff ``x >= t`` for finite values).
+threshold); a single shift is exact (``x - t >= 0`` iff ``x >= t`` for finite values); a
+:class:`OneDnnConv2d` sums in oneDNN's order, which aten's own convolution uses too for most
+shapes.
 """
 from __future__ import annotations
 
@@ -40,13 +49,14 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import quantizers
 from .nn.binary import XnorConv2d
 from .nn.codebook import CodebookConv2d
 
-__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input"]
+__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input", "OneDnnConv2d", "onednn_conv2d"]
 
 
 def is_fusable_conv(module: nn.Module) -> bool:
@@ -68,6 +78,56 @@ def deploy_input(x, dtype: torch.dtype):
     return x
 
 
+def _onednn_dtypes() -> frozenset:
+    """The input dtypes oneDNN's convolution takes on this CPU (bf16 only where it has the
+    instructions; float16 and float64 are left to aten)."""
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return frozenset((torch.float32, torch.bfloat16))
+    return frozenset((torch.float32,))
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()  # decided once: an op call, not to be repeated per forward
+
+
+@fx.wrap
+def onednn_conv2d(x, weight, bias, stride, padding, dilation, groups: int):
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (zero padding given as
+    numbers), run by oneDNN (``torch.mkldnn_convolution``) for a batched CPU input of a dtype
+    it takes, with oneDNN enabled, outside ``torch.compile`` / ``torch.export`` (which see
+    ``F.conv2d`` and choose for themselves); ``F.conv2d`` otherwise. Same values up to the
+    order of the float sums; autograd works either way."""
+    if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and x.dim() == 4 and x.numel()
+            and weight.dtype == x.dtype and weight.device.type == "cpu"
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class OneDnnConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` whose forward is :func:`onednn_conv2d` (the plain ``nn.Conv2d`` one for
+    a padding mode other than zeros or a string padding): the fused model's real convs (stem,
+    shortcuts) go to oneDNN directly. aten's dispatch
+    sends small 1x1 convs (a ResNet's shortcuts at batch 1, channels_last) to its own
+    ``_slow_conv2d_forward``, 1.1-1.9x slower than oneDNN on the same input here
+    (benchmarks/RESULTS.md). Its parameters and state dict are the ``nn.Conv2d``'s."""
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "OneDnnConv2d":
+        """The layer computing ``conv``, holding ``conv``'s own weight and bias."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, device="meta")
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return onednn_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class _Tracer(fx.Tracer):
     """torch.nn layers and the library's layers are leaves, except the ReActNet pieces of
     sparks_ext.quantizers (RSign, RPReLU, LearnableBias), which are traced through so that the
@@ -81,7 +141,7 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, (quantizers.RSign, quantizers.RPReLU, quantizers.LearnableBias)):
             return False
-        if type(m).__module__.startswith("sparks_ext.nn"):
+        if type(m).__module__.startswith("sparks_ext.nn") or isinstance(m, OneDnnConv2d):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -343,6 +403,30 @@ class _Rewriter:
         _erase_unused(self.gm.graph, old)
         self.changed = True
 
+    def relus_behind_max_pools(self):
+        for node in list(self.gm.graph.nodes):
+            if type(self.module(node)) is not nn.ReLU or len(node.args) != 1 or node.kwargs \
+                    or len(node.users) != 1 or not isinstance(node.args[0], fx.Node):
+                continue
+            (pool,) = node.users
+            m = self.module(pool)
+            if type(m) is not nn.MaxPool2d or m.return_indices or pool.args != (node,) or pool.kwargs:
+                continue
+            pool.args = node.args
+            pool.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            node.args = (pool,)
+            pool.append(node)
+            self.changed = True
+
+    def real_convs_on_onednn(self):
+        for node in self.gm.graph.nodes:
+            conv = self.module(node)
+            if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+                layer = OneDnnConv2d.from_conv2d(self.own(node))
+                parent, _, name = node.target.rpartition(".")
+                setattr(self.gm.get_submodule(parent) if parent else self.gm, name, layer)
+                self.modules[node.target] = layer
+
     def run(self) -> bool:
         self.drop_identities()
         self.fold_real_batchnorms()
@@ -352,6 +436,9 @@ class _Rewriter:
             self.fuse_outputs(node)
         for node in convs:
             self.fold_inputs(node)
+        if self.changed:
+            self.relus_behind_max_pools()
+            self.real_convs_on_onednn()
         return self.changed
 
 

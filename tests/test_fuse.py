@@ -127,8 +127,10 @@ def test_library_basic_block(kind, stride, c_in, c_out):
     assert isinstance(fused, fx.GraphModule)  # residuals: a graph
     ops = ops_called(fused, x)
     op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
-    shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + ["aten.conv2d"]
-    assert sorted(ops) == sorted([op, op] + shortcut)  # one call per conv, BN folded in the shortcut
+    # the shortcut's 1x1 conv runs on oneDNN directly (OneDnnConv2d), its BN folded in
+    real = "aten.mkldnn_convolution" if torch.backends.mkldnn.is_available() else "aten.conv2d"
+    shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + [real]
+    assert sorted(ops) == sorted([op, op] + shortcut)  # one call per conv
     convs = [m for m in fused.modules() if is_fusable_conv(m)]
     assert all(m.threshold is not None and m.prelu_weight is not None for m in convs)
     unfused, fused64 = _fused64(model)
@@ -319,7 +321,8 @@ def test_bf16_deploy_runs_binary_convs_in_bf16_channels_last():
         out = deployed(x)
         ref = model(x)
     assert out.dtype == torch.bfloat16
-    assert sorted(k for k, *_ in seen) == sorted(["binary"] * 16 + ["Conv2d"] * 4 + ["Linear"])
+    # the real convs (stem, shortcuts) deployed on oneDNN
+    assert sorted(k for k, *_ in seen) == sorted(["binary"] * 16 + ["OneDnnConv2d"] * 4 + ["Linear"])
     assert all(d == torch.bfloat16 and o == torch.bfloat16 for _, d, _, o in seen)
     assert all(cl for k, _, cl, _ in seen if k != "Linear")  # convs read channels_last
     assert all(t.dtype == torch.bfloat16 for t in deployed.state_dict().values() if t.is_floating_point())
