@@ -405,9 +405,12 @@ class _Rewriter:
 
     def relus_behind_max_pools(self):
         for node in list(self.gm.graph.nodes):
-            if type(self.module(node)) is not nn.ReLU or len(node.args) != 1 or node.kwargs \
+            relu = self.module(node)
+            if type(relu) is not nn.ReLU or len(node.args) != 1 or node.kwargs \
                     or len(node.users) != 1 or not isinstance(node.args[0], fx.Node):
                 continue
+            if relu.inplace and len(node.args[0].users) != 1:
+                continue  # others read the input after an in-place ReLU: they see it rectified
             (pool,) = node.users
             m = self.module(pool)
             if type(m) is not nn.MaxPool2d or m.return_indices or pool.args != (node,) or pool.kwargs:

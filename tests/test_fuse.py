@@ -247,6 +247,127 @@ def test_residual_the_op_cannot_take_is_added_after_it():
     torch.testing.assert_close(layer(x, full), fused_ref, rtol=0, atol=F32_ULPS * fused_ref.abs().max().item())
 
 
+# --- real layers: OneDnnConv2d, ReLU behind the max-pool -----------------------------------------
+
+def _conv_tolerance(conv: nn.Conv2d, x: torch.Tensor) -> float:
+    """A float sum of K products, in any order, is within K ulps of the sum of the magnitudes:
+    64 ulps of the largest |W| * |x| conv output (K <= 64 * 9 here, errors rarely add up)."""
+    bound = F.conv2d(x.abs().double(), conv.weight.detach().abs().double(), None, conv.stride,
+                     conv.padding, conv.dilation, conv.groups)
+    return 64 * torch.finfo(x.dtype).eps * bound.max().item() * 8
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel,stride,padding,groups", [
+    (1, 1, 0, 1), (1, 2, 0, 1), (1, 2, 0, 4), (1, (2, 1), 0, 1), (3, 2, 1, 2), (7, 2, 3, 1)])
+def test_onednn_conv2d_equals_the_conv(kernel, stride, padding, groups, batch, layout):
+    torch.manual_seed(11)
+    conv = nn.Conv2d(8, 16, kernel, stride, padding, groups=groups, bias=groups != 4).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    assert layer.weight is conv.weight and set(layer.state_dict()) == set(conv.state_dict())
+    x = torch.randn(batch, 8, 11, 9)  # odd sizes: a stride-2 conv drops the last row / column
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = conv(x), layer(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= _conv_tolerance(conv, x)
+        conv.double()  # the layer holds the conv's parameters: both float64, aten's conv
+        assert torch.equal(layer(x.double()), conv(x.double()))
+        conv.float()
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            xb = x.bfloat16()
+            conv_b = copy.deepcopy(conv).bfloat16()
+            got_b = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv_b)(xb)
+            assert got_b.dtype == torch.bfloat16
+            torch.testing.assert_close(got_b.float(), conv_b(xb).float(), rtol=2e-2, atol=2e-2)
+    ops = ops_called(layer, x)
+    assert ops == (["aten.mkldnn_convolution"] if torch.backends.mkldnn.is_available() else ["aten.conv2d"])
+    # autograd: the same gradients as the conv's
+    xg = x.clone().requires_grad_()
+    layer(xg).square().sum().backward()
+    grad_layer, grad_w = xg.grad.clone(), conv.weight.grad.clone()
+    xg.grad = None
+    conv.weight.grad = None
+    conv(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad, grad_layer, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.weight.grad, grad_w, rtol=1e-4, atol=1e-3)
+
+
+class _StridedShortcutBlock(nn.Module):
+    """A binary conv whose residual is a 1x1 stride-2 real conv + BatchNorm (no avg-pool), groups
+    optional, behind a stem with conv, BN, ReLU, max-pool."""
+
+    def __init__(self, kind, groups):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.conv = _binary(kind, 8, 16, stride=2)
+        self.bn = nn.BatchNorm2d(16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, 2, groups=groups, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.bn(self.conv(x)) + self.shortcut(x)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_shortcut_and_stem_deployed(kind, groups, batch, layout):
+    torch.manual_seed(12)
+    model = randomize(_StridedShortcutBlock(kind, groups))
+    fused = sparks_ext.convert(model)
+    assert isinstance(fused.get_submodule("shortcut.0"), sparks_ext.fuse.OneDnnConv2d)
+    assert isinstance(fused.get_submodule("stem.0"), sparks_ext.fuse.OneDnnConv2d)
+    order = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert order.index("stem.3") < order.index("stem.2")  # the ReLU runs on the pooled tensor
+    x = torch.randn(batch, 3, 13, 11)  # odd: 13x11 -> pooled 7x6 -> strided 4x3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ops = ops_called(fused, x)
+    real = "aten.mkldnn_convolution" if torch.backends.mkldnn.is_available() else "aten.conv2d"
+    assert ops.count(real) == 2 and "batch_norm" not in " ".join(ops)
+    pool = next(i for i, op in enumerate(ops) if op.startswith("aten.max_pool2d"))
+    assert pool < ops.index("aten.relu_")
+    with torch.no_grad():
+        assert torch.equal(fused(x).argmax(1), model(x).argmax(1))
+        got, expected = fused(x), model(x)
+    scale = expected.abs().max().item()
+    # float32, BN folded: rounding-sized; a flipped binarization would move a value by ~2 * scale
+    assert (got - expected).abs().max().item() <= 1e-4 * scale
+    unfused, fused64 = _fused64(model)
+    _assert_close64(fused64(x.double()), unfused(x.double()))
+
+
+@pytest.mark.parametrize("reads", ["output", "input"])
+def test_relu_with_other_readers_stays_in_front_of_the_max_pool(reads):
+    class TwoReaders(nn.Module):
+        """The ReLU's output (or, for an in-place ReLU, its input) is read by another node."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = _binary("sparks", 4, 4)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=reads == "input")
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            z = self.bn(self.conv(x))
+            y = self.relu(z)
+            return self.pool(y).sum() + (y if reads == "output" else z).sum()
+
+    model = randomize(TwoReaders())
+    fused = sparks_ext.convert(model)
+    order = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert order.index("relu") < order.index("pool")
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
 # --- every model ---------------------------------------------------------------------------------
 
 MODELS = {
@@ -400,6 +521,7 @@ def test_fused_model_save_load(tmp_path, dtype):
     size = sparks_ext.save(fused, path)
     header = serialization.read_header(path)
     assert header["architecture"]["class"] == "torch.fx.GraphModule"
+    assert header["architecture"]["modules"]["stem.0"]["class"] == "sparks_ext.fuse.OneDnnConv2d"
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         expected = fused(x)
