@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -91,6 +92,12 @@ def _onednn_dtypes() -> frozenset:
 _ONEDNN_DTYPES = _onednn_dtypes()  # decided once: an op call, not to be repeated per forward
 
 
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
+            and weight.dtype == x.dtype and weight.device.type == "cpu"
+            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
+
+
 @fx.wrap
 def onednn_conv2d(x, weight, bias, stride, padding, dilation, groups: int):
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (zero padding given as
@@ -98,20 +105,37 @@ def onednn_conv2d(x, weight, bias, stride, padding, dilation, groups: int):
     it takes, with oneDNN enabled, outside ``torch.compile`` / ``torch.export`` (which see
     ``F.conv2d`` and choose for themselves); ``F.conv2d`` otherwise. Same values up to the
     order of the float sums; autograd works either way."""
-    if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and x.dim() == 4 and x.numel()
-            and weight.dtype == x.dtype and weight.device.type == "cpu"
-            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+    if _onednn_applies(x, weight):
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _mkldnn_op(name: str):
+    return getattr(torch.ops.mkldnn, name, None) if torch.backends.mkldnn.is_available() else None
+
+
+_REORDER_WEIGHT = _mkldnn_op("_reorder_convolution_weight")
+_PACKED_CONVOLUTION = _mkldnn_op("_convolution_pointwise")
+# OneDnnConv2d -> (weight alias, its version, input shape and layout, weight in oneDNN's layout).
+# Outside the layers, so that copies, state dicts and files never see the opaque tensor; the
+# alias keeps the packed weight's storage alive, so no other weight can take its address.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class OneDnnConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` whose forward is :func:`onednn_conv2d` (the plain ``nn.Conv2d`` one for
     a padding mode other than zeros or a string padding): the fused model's real convs (stem,
-    shortcuts) go to oneDNN directly. aten's dispatch
-    sends small 1x1 convs (a ResNet's shortcuts at batch 1, channels_last) to its own
-    ``_slow_conv2d_forward``, 1.1-1.9x slower than oneDNN on the same input here
-    (benchmarks/RESULTS.md). Its parameters and state dict are the ``nn.Conv2d``'s."""
+    shortcuts) go to oneDNN directly. aten's dispatch sends small 1x1 convs (a ResNet's
+    shortcuts at batch 1, channels_last, 1 thread; at 2 threads the 256 -> 512 one) to its own
+    ``_slow_conv2d_forward``. For a 1x1 conv on a channels_last input with autograd off
+    (``torch.no_grad()``, ``inference_mode()``) the weight is reordered into oneDNN's blocked
+    layout once per input shape and kept, instead of at every call (the reorder reads and
+    writes the whole weight: a 256 -> 512 1x1 weight is 512 KiB); it is redone when the weight
+    changes (another tensor or an in-place update). There the packed call gives the unpacked
+    call's bits (checked on 216 shapes); on contiguous inputs and for larger kernels oneDNN may
+    pick another algorithm for a packed weight and round differently, so those stay unpacked
+    (larger kernels' weights are small next to their work). Its parameters and state dict are
+    the ``nn.Conv2d``'s."""
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "OneDnnConv2d":
@@ -125,7 +149,27 @@ class OneDnnConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        return onednn_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight = self.weight
+        if self.kernel_size == (1, 1) and _PACKED_CONVOLUTION is not None and not torch.is_grad_enabled() \
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+                and _onednn_applies(x, weight):
+            bias = self.bias
+            if bias is None or bias.dtype == x.dtype:
+                return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding,
+                                           self.stride, self.dilation, self.groups, "none", [], "")
+        return onednn_conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        shape = (tuple(x.shape), x.is_contiguous())
+        entry = _PACKED.get(self)
+        if entry is None or entry[0].data_ptr() != weight.data_ptr() or entry[1] != weight._version \
+                or entry[2] != shape or entry[0].dtype != weight.dtype:
+            alias = weight.detach()
+            packed = _REORDER_WEIGHT(alias, list(self.padding), list(self.stride), list(self.dilation),
+                                     self.groups, list(x.shape))
+            entry = (alias, weight._version, shape, packed)
+            _PACKED[self] = entry
+        return entry[3]
 
 
 class _Tracer(fx.Tracer):

@@ -29,6 +29,11 @@ from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d, XnorConv2d
 from sparks_ext.quantizers import BinaryActivation, LearnableBias, RPReLU, RSign
 
 F32_ULPS = 64 * torch.finfo(torch.float32).eps
+# The ops a fused model's real conv (OneDnnConv2d) runs: UNPACKED_CONV_OP in general,
+# REAL_CONV_OP for a 1x1 one on a channels_last input with autograd off, its weight packed
+UNPACKED_CONV_OP = "aten.mkldnn_convolution" if torch.backends.mkldnn.is_available() else "aten.conv2d"
+REAL_CONV_OP = ("mkldnn._convolution_pointwise" if sparks_ext.fuse._PACKED_CONVOLUTION is not None
+                else UNPACKED_CONV_OP)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -125,11 +130,12 @@ def test_library_basic_block(kind, stride, c_in, c_out):
     x = torch.randn(3, c_in, 8, 8)
     fused = sparks_ext.convert(model)
     assert isinstance(fused, fx.GraphModule)  # residuals: a graph
+    with torch.no_grad():
+        fused(x)  # packs the shortcut's weight
     ops = ops_called(fused, x)
     op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
-    # the shortcut's 1x1 conv runs on oneDNN directly (OneDnnConv2d), its BN folded in
-    real = "aten.mkldnn_convolution" if torch.backends.mkldnn.is_available() else "aten.conv2d"
-    shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + [real]
+    # the shortcut's 1x1 conv runs on oneDNN directly (OneDnnConv2d; x is contiguous: unpacked), its BN folded in
+    shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + [UNPACKED_CONV_OP]
     assert sorted(ops) == sorted([op, op] + shortcut)  # one call per conv
     convs = [m for m in fused.modules() if is_fusable_conv(m)]
     assert all(m.threshold is not None and m.prelu_weight is not None for m in convs)
@@ -283,7 +289,14 @@ def test_onednn_conv2d_equals_the_conv(kernel, stride, padding, groups, batch, l
             assert got_b.dtype == torch.bfloat16
             torch.testing.assert_close(got_b.float(), conv_b(xb).float(), rtol=2e-2, atol=2e-2)
     ops = ops_called(layer, x)
-    assert ops == (["aten.mkldnn_convolution"] if torch.backends.mkldnn.is_available() else ["aten.conv2d"])
+    real = REAL_CONV_OP if kernel == 1 and layout == "channels_last" else UNPACKED_CONV_OP
+    assert ops[-1:] == [real] and set(ops[:-1]) <= {"mkldnn._reorder_convolution_weight"}
+    assert ops_called(layer, x) == [real]  # a 1x1 weight packed once per input shape
+    log = _OpLog()
+    with log:
+        layer(x)  # autograd on: oneDNN with the weight as it is
+    assert [op for op in log.ops if op != "aten.detach"] == (
+        ["aten.mkldnn_convolution"] if torch.backends.mkldnn.is_available() else ["aten.convolution"])
     # autograd: the same gradients as the conv's
     xg = x.clone().requires_grad_()
     layer(xg).square().sum().backward()
@@ -293,6 +306,55 @@ def test_onednn_conv2d_equals_the_conv(kernel, stride, padding, groups, batch, l
     conv(xg).square().sum().backward()
     torch.testing.assert_close(xg.grad, grad_layer, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(conv.weight.grad, grad_w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(sparks_ext.fuse._PACKED_CONVOLUTION is None, reason="no oneDNN")
+@pytest.mark.parametrize("batch,c_in,c_out,size,stride", [
+    (1, 64, 128, 28, 1), (1, 256, 512, 14, 2), (16, 64, 128, 56, 2), (3, 8, 24, 9, 2), (2, 3, 5, 7, 1)])
+def test_onednn_conv2d_packed_gives_the_unpacked_bits(batch, c_in, c_out, size, stride):
+    """The packed-weight call (1x1, channels_last, autograd off) against oneDNN's plain one."""
+    torch.manual_seed(14)
+    conv = nn.Conv2d(c_in, c_out, 1, stride).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        packed = layer(x)
+        assert ops_called(layer, x) == [REAL_CONV_OP]
+        plain = torch.mkldnn_convolution(x, conv.weight, conv.bias, [0, 0], [stride, stride], [1, 1], 1)
+    assert torch.equal(packed, plain) and packed.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_onednn_conv2d_repacks_its_weight_when_it_changes():
+    """With autograd off the layer keeps its weight in oneDNN's layout per input shape: an
+    in-place update, a new weight tensor, another shape or layout, a copy all give the conv."""
+    torch.manual_seed(13)
+    conv = nn.Conv2d(16, 32, 1).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    x = torch.randn(1, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def check(inp):
+        expected, got = conv(inp), layer(inp)
+        assert (got - expected).abs().max().item() <= _conv_tolerance(conv, inp)
+
+    with torch.inference_mode():
+        check(x)
+    with torch.no_grad():
+        check(x)
+        conv.weight.mul_(-3)  # in place: same storage, new version
+        check(x)
+        conv.weight.data = torch.randn(32, 16, 1, 1)  # another tensor
+        check(x)
+        conv.load_state_dict({"weight": torch.randn(32, 16, 1, 1), "bias": torch.randn(32)})
+        check(x)
+        check(torch.randn(4, 16, 9, 5).contiguous(memory_format=torch.channels_last))  # another shape
+        check(torch.randn(4, 16, 9, 5))  # contiguous: unpacked
+        check(x)
+        twin = copy.deepcopy(layer)
+        assert set(twin.state_dict()) == {"weight", "bias"}
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+        twin.weight.add_(1)  # the copy's own weight: the original keeps its packed one
+        check(x)
+        assert not torch.equal(twin(x), layer(x))
 
 
 class _StridedShortcutBlock(nn.Module):
@@ -327,9 +389,12 @@ def test_strided_shortcut_and_stem_deployed(kind, groups, batch, layout):
     x = torch.randn(batch, 3, 13, 11)  # odd: 13x11 -> pooled 7x6 -> strided 4x3
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused(x)  # packs the shortcut's weight
     ops = ops_called(fused, x)
-    real = "aten.mkldnn_convolution" if torch.backends.mkldnn.is_available() else "aten.conv2d"
-    assert ops.count(real) == 2 and "batch_norm" not in " ".join(ops)
+    shortcut = REAL_CONV_OP if layout == "channels_last" else UNPACKED_CONV_OP
+    assert sorted(op for op in ops if op in (REAL_CONV_OP, UNPACKED_CONV_OP)) == sorted([UNPACKED_CONV_OP, shortcut])
+    assert "batch_norm" not in " ".join(ops)
     pool = next(i for i, op in enumerate(ops) if op.startswith("aten.max_pool2d"))
     assert pool < ops.index("aten.relu_")
     with torch.no_grad():
