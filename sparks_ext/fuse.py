@@ -28,18 +28,19 @@ by structure, whatever classes the pieces come from:
 5. In a model that steps 1-4 changed, the real layers around the binary convs are deployed
    too: an ``nn.ReLU`` whose only user is an ``nn.MaxPool2d`` moves behind it (ReLU is
    monotone, so ``max_pool(relu(x)) == relu(max_pool(x))`` exactly, and the ReLU then runs on
-   the pooled, smaller tensor: a quarter of the elements for the ImageNet stem's 3x3/2 pool),
-   and every ``nn.Conv2d`` (zero padding, numeric padding) becomes a :class:`OneDnnConv2d`,
-   the same layer calling oneDNN directly (aten sends small 1x1 convs, such as a ResNet's
-   shortcuts at batch 1, to a slower path of its own).
+   the pooled, smaller tensor: a quarter of the elements for the ImageNet stem's 3x3/2 pool;
+   an in-place ReLU whose input others read stays), and every 1x1 ``nn.Conv2d`` (zero
+   padding) becomes a :class:`OneDnnConv2d`, the same layer running on oneDNN with a kept,
+   prepacked weight where it can (aten sends small 1x1 convs, such as a ResNet's shortcuts
+   at batch 1, to a slower path of its own).
 
 What the rewrite does not recognise stays as it is. A pass changes rounding only where values
 are summed in another order: a folded BatchNorm computes ``acc * (s k) + (b - m) k + beta``
 instead of normalizing ``acc * s + b``; two shifts before a sign are folded into one threshold
 (``x + b - t >= 0`` becomes ``x >= t - b``, which can flip a value within an ulp of the
 threshold); a single shift is exact (``x - t >= 0`` iff ``x >= t`` for finite values); a
-:class:`OneDnnConv2d` sums in oneDNN's order, which aten's own convolution uses too for most
-shapes.
+:class:`OneDnnConv2d` sums in oneDNN's order, which aten's own convolution uses too where it
+picks oneDNN.
 """
 from __future__ import annotations
 
@@ -50,14 +51,13 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from . import quantizers
 from .nn.binary import XnorConv2d
 from .nn.codebook import CodebookConv2d
 
-__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input", "OneDnnConv2d", "onednn_conv2d"]
+__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input", "OneDnnConv2d"]
 
 
 def is_fusable_conv(module: nn.Module) -> bool:
@@ -92,50 +92,31 @@ def _onednn_dtypes() -> frozenset:
 _ONEDNN_DTYPES = _onednn_dtypes()  # decided once: an op call, not to be repeated per forward
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
-            and weight.dtype == x.dtype and weight.device.type == "cpu"
-            and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
-
-
-@fx.wrap
-def onednn_conv2d(x, weight, bias, stride, padding, dilation, groups: int):
-    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (zero padding given as
-    numbers), run by oneDNN (``torch.mkldnn_convolution``) for a batched CPU input of a dtype
-    it takes, with oneDNN enabled, outside ``torch.compile`` / ``torch.export`` (which see
-    ``F.conv2d`` and choose for themselves); ``F.conv2d`` otherwise. Same values up to the
-    order of the float sums; autograd works either way."""
-    if _onednn_applies(x, weight):
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
 def _mkldnn_op(name: str):
     return getattr(torch.ops.mkldnn, name, None) if torch.backends.mkldnn.is_available() else None
 
 
 _REORDER_WEIGHT = _mkldnn_op("_reorder_convolution_weight")
-_PACKED_CONVOLUTION = _mkldnn_op("_convolution_pointwise")
-# OneDnnConv2d -> (weight alias, its version, input shape and layout, weight in oneDNN's layout).
+_PACKED_CONVOLUTION = _mkldnn_op("_convolution_pointwise") if _REORDER_WEIGHT is not None else None
+# OneDnnConv2d -> (weight alias, its version, input shape, weight in oneDNN's layout).
 # Outside the layers, so that copies, state dicts and files never see the opaque tensor; the
 # alias keeps the packed weight's storage alive, so no other weight can take its address.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 class OneDnnConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose forward is :func:`onednn_conv2d` (the plain ``nn.Conv2d`` one for
-    a padding mode other than zeros or a string padding): the fused model's real convs (stem,
-    shortcuts) go to oneDNN directly. aten's dispatch sends small 1x1 convs (a ResNet's
-    shortcuts at batch 1, channels_last, 1 thread; at 2 threads the 256 -> 512 one) to its own
-    ``_slow_conv2d_forward``. For a 1x1 conv on a channels_last input with autograd off
-    (``torch.no_grad()``, ``inference_mode()``) the weight is reordered into oneDNN's blocked
-    layout once per input shape and kept, instead of at every call (the reorder reads and
-    writes the whole weight: a 256 -> 512 1x1 weight is 512 KiB); it is redone when the weight
-    changes (another tensor or an in-place update). There the packed call gives the unpacked
-    call's bits (checked on 216 shapes); on contiguous inputs and for larger kernels oneDNN may
-    pick another algorithm for a packed weight and round differently, so those stay unpacked
-    (larger kernels' weights are small next to their work). Its parameters and state dict are
-    the ``nn.Conv2d``'s."""
+    """An ``nn.Conv2d`` that runs a 1x1 conv on a channels_last CPU input, with autograd off
+    (``torch.no_grad()``, ``inference_mode()``), on oneDNN with its weight reordered into
+    oneDNN's blocked layout once per input shape and kept; everything else (other kernels,
+    contiguous inputs, autograd, ``torch.compile`` / ``torch.export``, float16 / float64, oneDNN
+    disabled) is ``nn.Conv2d``'s forward. aten sends such convs (a ResNet's 1x1 shortcuts at
+    batch 1: all three at 1 thread, the 256 -> 512 one at 2) to its own
+    ``_slow_conv2d_forward``, and where it picks oneDNN it reorders the weight at every call
+    (reading and writing all of it: the 256 -> 512 weight is 512 KiB). The kept weight is
+    reordered again when the weight changes (another tensor or an in-place update). The packed
+    call gives oneDNN's unpacked bits on channels_last inputs (checked on 216 shapes), i.e.
+    aten's wherever aten picks oneDNN; on contiguous inputs it may not, hence their fallback.
+    Its parameters and state dict are the ``nn.Conv2d``'s."""
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "OneDnnConv2d":
@@ -147,20 +128,20 @@ class OneDnnConv2d(nn.Conv2d):
         return layer.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return super().forward(x)
-        weight = self.weight
-        if self.kernel_size == (1, 1) and _PACKED_CONVOLUTION is not None and not torch.is_grad_enabled() \
-                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-                and _onednn_applies(x, weight):
-            bias = self.bias
-            if bias is None or bias.dtype == x.dtype:
-                return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding,
-                                           self.stride, self.dilation, self.groups, "none", [], "")
-        return onednn_conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = self.weight, self.bias
+        if (_PACKED_CONVOLUTION is not None and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
+                and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype == x.dtype
+                and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
+                and self.kernel_size == (1, 1) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and torch.backends.mkldnn.enabled
+                and not torch.compiler.is_compiling()):
+            return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding, self.stride,
+                                       self.dilation, self.groups, "none", [], "")
+        return super().forward(x)
 
     def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        shape = (tuple(x.shape), x.is_contiguous())
+        shape = tuple(x.shape)
         entry = _PACKED.get(self)
         if entry is None or entry[0].data_ptr() != weight.data_ptr() or entry[1] != weight._version \
                 or entry[2] != shape or entry[0].dtype != weight.dtype:
@@ -465,10 +446,11 @@ class _Rewriter:
             pool.append(node)
             self.changed = True
 
-    def real_convs_on_onednn(self):
+    def pointwise_convs_on_onednn(self):
         for node in self.gm.graph.nodes:
             conv = self.module(node)
-            if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding_mode == "zeros" \
+                    and not isinstance(conv.padding, str):
                 layer = OneDnnConv2d.from_conv2d(self.own(node))
                 parent, _, name = node.target.rpartition(".")
                 setattr(self.gm.get_submodule(parent) if parent else self.gm, name, layer)
@@ -485,7 +467,7 @@ class _Rewriter:
             self.fold_inputs(node)
         if self.changed:
             self.relus_behind_max_pools()
-            self.real_convs_on_onednn()
+            self.pointwise_convs_on_onednn()
         return self.changed
 
 
