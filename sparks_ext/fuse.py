@@ -113,7 +113,9 @@ class OneDnnConv2d(nn.Conv2d):
     batch 1: all three at 1 thread, the 256 -> 512 one at 2) to its own
     ``_slow_conv2d_forward``, and where it picks oneDNN it reorders the weight at every call
     (reading and writing all of it: the 256 -> 512 weight is 512 KiB). The kept weight is
-    reordered again when the weight changes (another tensor or an in-place update). The packed
+    reordered again when the weight changes (another tensor or an in-place update; a weight
+    made under ``torch.inference_mode()`` has no version counter to tell, so it is not kept:
+    convert outside inference mode, run inside). The packed
     call gives oneDNN's unpacked bits on channels_last inputs (checked on 216 shapes), i.e.
     aten's wherever aten picks oneDNN; on contiguous inputs it may not, hence their fallback.
     Its parameters and state dict are the ``nn.Conv2d``'s."""
@@ -134,8 +136,8 @@ class OneDnnConv2d(nn.Conv2d):
                 and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype == x.dtype
                 and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
                 and self.kernel_size == (1, 1) and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and torch.backends.mkldnn.enabled
-                and not torch.compiler.is_compiling()):
+                and not isinstance(self.padding, str) and not weight.is_inference()
+                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
             return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding, self.stride,
                                        self.dilation, self.groups, "none", [], "")
         return super().forward(x)

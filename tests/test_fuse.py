@@ -353,6 +353,11 @@ def test_onednn_conv2d_repacks_its_weight_when_it_changes():
         twin.weight.add_(1)  # the copy's own weight: the original keeps its packed one
         check(x)
         assert not torch.equal(twin(x), layer(x))
+    with torch.inference_mode():  # a model made in inference mode: its weight has no version
+        made = sparks_ext.fuse.OneDnnConv2d.from_conv2d(nn.Conv2d(16, 32, 1))
+        made.weight.mul_(2)
+        assert ops_called(made, x) == ["aten.conv2d"]
+        torch.testing.assert_close(made(x), F.conv2d(x, made.weight, made.bias))
 
 
 class _StridedShortcutBlock(nn.Module):
