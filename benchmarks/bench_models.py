@@ -112,7 +112,15 @@ def int8_pt2e(model, example):
 
 
 def build_cases(name: str, batch: int, compiled: bool):
-    """(impl, callable, input) for every implementation of ``name`` at ``batch``."""
+    """(impl, callable, input) for every implementation of ``name`` at ``batch``, built and
+    converted outside inference mode, as a deployment does (run() times them inside it): a
+    weight made in inference mode has no version counter, so a fused model's 1x1 convs could
+    not keep their prepacked weights."""
+    with torch.inference_mode(False):
+        return _build_cases(name, batch, compiled)
+
+
+def _build_cases(name: str, batch: int, compiled: bool):
     builder, shape = MODELS[name]
     torch.manual_seed(0)
     x = torch.randn(batch, *shape)
@@ -147,7 +155,8 @@ def profile_fused(name: str, batch: int, rounds: int = 10) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     builder, shape = MODELS[name]
-    fused = sparks_ext.convert(randomize_batchnorms(builder("sparks", N_CODEWORDS)))
+    with torch.inference_mode(False):  # as in build_cases
+        fused = sparks_ext.convert(randomize_batchnorms(builder("sparks", N_CODEWORDS)))
     x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
     for _ in range(3):
         fused(x)
@@ -177,7 +186,8 @@ def floors(batches) -> dict:
     out = {}
     stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)).eval()
     stem = stem.to(memory_format=torch.channels_last)
-    fused = sparks_ext.convert(randomize_batchnorms(resnet18(conv="sparks", n_codewords=N_CODEWORDS)))
+    with torch.inference_mode(False):  # as in build_cases
+        fused = sparks_ext.convert(randomize_batchnorms(resnet18(conv="sparks", n_codewords=N_CODEWORDS)))
     convs = [m for m in fused.modules() if is_fusable_conv(m)]
     tiny_layer = convs[0]
     tiny = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last)

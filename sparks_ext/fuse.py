@@ -25,17 +25,28 @@ by structure, whatever classes the pieces come from:
    ``approx_sign``, ``torch.sign``) are dropped (the op binarizes its input with the same
    ``x >= 0`` test) and per-channel shifts before them become the threshold (RSign's
    ``sign(x - beta)``: threshold beta; ``LearnableBias`` then sign: threshold -b).
+5. In a model that steps 1-4 changed, the real layers around the binary convs are deployed
+   too: an ``nn.ReLU`` whose only user is an ``nn.MaxPool2d`` moves behind it (ReLU is
+   monotone, so ``max_pool(relu(x)) == relu(max_pool(x))`` exactly, and the ReLU then runs on
+   the pooled, smaller tensor: a quarter of the elements for the ImageNet stem's 3x3/2 pool;
+   an in-place ReLU whose input others read stays), and every 1x1 ``nn.Conv2d`` (zero
+   padding) becomes a :class:`OneDnnConv2d`, the same layer running on oneDNN with a kept,
+   prepacked weight where it can (aten sends small 1x1 convs, such as a ResNet's shortcuts
+   at batch 1, to a slower path of its own).
 
 What the rewrite does not recognise stays as it is. A pass changes rounding only where values
 are summed in another order: a folded BatchNorm computes ``acc * (s k) + (b - m) k + beta``
 instead of normalizing ``acc * s + b``; two shifts before a sign are folded into one threshold
 (``x + b - t >= 0`` becomes ``x >= t - b``, which can flip a value within an ulp of the
-threshold); a single shift is exact (``x - t >= 0`` iff ``x >= t`` for finite values).
+threshold); a single shift is exact (``x - t >= 0`` iff ``x >= t`` for finite values); a
+:class:`OneDnnConv2d` sums in oneDNN's order, which aten's own convolution uses too where it
+picks oneDNN.
 """
 from __future__ import annotations
 
 import copy
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -46,7 +57,7 @@ from . import quantizers
 from .nn.binary import XnorConv2d
 from .nn.codebook import CodebookConv2d
 
-__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input"]
+__all__ = ["fuse", "deploy", "is_fusable_conv", "deploy_input", "OneDnnConv2d"]
 
 
 def is_fusable_conv(module: nn.Module) -> bool:
@@ -68,6 +79,82 @@ def deploy_input(x, dtype: torch.dtype):
     return x
 
 
+def _onednn_dtypes() -> frozenset:
+    """The input dtypes oneDNN's convolution takes on this CPU (bf16 only where it has the
+    instructions; float16 and float64 are left to aten)."""
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return frozenset((torch.float32, torch.bfloat16))
+    return frozenset((torch.float32,))
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()  # decided once: an op call, not to be repeated per forward
+
+
+def _mkldnn_op(name: str):
+    return getattr(torch.ops.mkldnn, name, None) if torch.backends.mkldnn.is_available() else None
+
+
+_REORDER_WEIGHT = _mkldnn_op("_reorder_convolution_weight")
+_PACKED_CONVOLUTION = _mkldnn_op("_convolution_pointwise") if _REORDER_WEIGHT is not None else None
+# OneDnnConv2d -> (weight alias, its version, input shape, weight in oneDNN's layout).
+# Outside the layers, so that copies, state dicts and files never see the opaque tensor; the
+# alias keeps the packed weight's storage alive, so no other weight can take its address.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+class OneDnnConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that runs a 1x1 conv on a channels_last CPU input, with autograd off
+    (``torch.no_grad()``, ``inference_mode()``), on oneDNN with its weight reordered into
+    oneDNN's blocked layout once per input shape and kept; everything else (other kernels,
+    contiguous inputs, autograd, ``torch.compile`` / ``torch.export``, float16 / float64, oneDNN
+    disabled) is ``nn.Conv2d``'s forward. aten sends such convs (a ResNet's 1x1 shortcuts at
+    batch 1: all three at 1 thread, the 256 -> 512 one at 2) to its own
+    ``_slow_conv2d_forward``, and where it picks oneDNN it reorders the weight at every call
+    (reading and writing all of it: the 256 -> 512 weight is 512 KiB). The kept weight is
+    reordered again when the weight changes (another tensor or an in-place update; a weight
+    made under ``torch.inference_mode()`` has no version counter to tell, so it is not kept:
+    convert outside inference mode, run inside). The packed
+    call gives oneDNN's unpacked bits on channels_last inputs (checked on 216 shapes), i.e.
+    aten's wherever aten picks oneDNN; on contiguous inputs it may not, hence their fallback.
+    Its parameters and state dict are the ``nn.Conv2d``'s."""
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "OneDnnConv2d":
+        """The layer computing ``conv``, holding ``conv``'s own weight and bias."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, device="meta")
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        return layer.train(conv.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if (_PACKED_CONVOLUTION is not None and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
+                and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype == x.dtype
+                and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
+                and self.kernel_size == (1, 1) and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and not weight.is_inference()
+                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+            return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding, self.stride,
+                                       self.dilation, self.groups, "none", [], "")
+        return super().forward(x)
+
+    def _packed_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        entry = _PACKED.get(self)
+        if entry is None or entry[0].data_ptr() != weight.data_ptr() or entry[1] != weight._version \
+                or entry[2] != shape or entry[0].dtype != weight.dtype:
+            alias = weight.detach()
+            packed = _REORDER_WEIGHT(alias, list(self.padding), list(self.stride), list(self.dilation),
+                                     self.groups, list(x.shape))
+            entry = (alias, weight._version, shape, packed)
+            _PACKED[self] = entry
+        return entry[3]
+
+
 class _Tracer(fx.Tracer):
     """torch.nn layers and the library's layers are leaves, except the ReActNet pieces of
     sparks_ext.quantizers (RSign, RPReLU, LearnableBias), which are traced through so that the
@@ -81,7 +168,7 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, (quantizers.RSign, quantizers.RPReLU, quantizers.LearnableBias)):
             return False
-        if type(m).__module__.startswith("sparks_ext.nn"):
+        if type(m).__module__.startswith("sparks_ext.nn") or isinstance(m, OneDnnConv2d):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -343,6 +430,34 @@ class _Rewriter:
         _erase_unused(self.gm.graph, old)
         self.changed = True
 
+    def relus_behind_max_pools(self):
+        for node in list(self.gm.graph.nodes):
+            relu = self.module(node)
+            if type(relu) is not nn.ReLU or len(node.args) != 1 or node.kwargs \
+                    or len(node.users) != 1 or not isinstance(node.args[0], fx.Node):
+                continue
+            if relu.inplace and len(node.args[0].users) != 1:
+                continue  # others read the input after an in-place ReLU: they see it rectified
+            (pool,) = node.users
+            m = self.module(pool)
+            if type(m) is not nn.MaxPool2d or m.return_indices or pool.args != (node,) or pool.kwargs:
+                continue
+            pool.args = node.args
+            pool.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            node.args = (pool,)
+            pool.append(node)
+            self.changed = True
+
+    def pointwise_convs_on_onednn(self):
+        for node in self.gm.graph.nodes:
+            conv = self.module(node)
+            if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.padding_mode == "zeros" \
+                    and not isinstance(conv.padding, str):
+                layer = OneDnnConv2d.from_conv2d(self.own(node))
+                parent, _, name = node.target.rpartition(".")
+                setattr(self.gm.get_submodule(parent) if parent else self.gm, name, layer)
+                self.modules[node.target] = layer
+
     def run(self) -> bool:
         self.drop_identities()
         self.fold_real_batchnorms()
@@ -352,6 +467,9 @@ class _Rewriter:
             self.fuse_outputs(node)
         for node in convs:
             self.fold_inputs(node)
+        if self.changed:
+            self.relus_behind_max_pools()
+            self.pointwise_convs_on_onednn()
         return self.changed
 
 

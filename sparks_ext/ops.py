@@ -18,7 +18,25 @@ IntOrPair = Union[int, Sequence[int]]
 __all__ = ["conv2d", "binary_conv2d", "cpu_kernels"]
 
 
-def _pair(value: IntOrPair, name: str) -> list[int]:
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def _pair(value: IntOrPair, name: str) -> Sequence[int]:
+    # Per call: a plain int or a pair of plain ints in int64 (a layer's tuples) passes through
+    # two type tests; anything else (bools, int subclasses, bad values) takes the full check.
+    kind = type(value)
+    if kind is int:
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return (value, value)
+    elif (kind is tuple or kind is list) and len(value) == 2:
+        first, second = value
+        if type(first) is int and type(second) is int and _INT64_MIN <= first <= _INT64_MAX \
+                and _INT64_MIN <= second <= _INT64_MAX:
+            return value
+    return _checked_pair(value, name)
+
+
+def _checked_pair(value, name: str) -> list[int]:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -30,7 +48,7 @@ def _pair(value: IntOrPair, name: str) -> list[int]:
             raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if not all(-2 ** 63 <= v < 2 ** 63 for v in items):  # the op takes int64
+    if not all(_INT64_MIN <= v <= _INT64_MAX for v in items):  # the op takes int64
         raise ValueError(f"{name} must fit int64, got {value!r}")
     return items
 
@@ -74,6 +92,20 @@ _SEMANTICS = r"""
 """
 
 
+def _run(op, *args):
+    """``op(*args)``. With autograd off (``torch.no_grad()``), below the Autograd dispatch key:
+    the Python autograd kernel registered below would only forward the call there (~5 us per
+    call). ``torch.inference_mode()`` skips that key by itself; ``torch.compile`` /
+    ``torch.export`` trace the plain call."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
+
+
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
 def conv2d(
     input: torch.Tensor,
     codebook: torch.Tensor,
@@ -91,7 +123,8 @@ def conv2d(
     prelu_weight: Optional[torch.Tensor] = None,
     post_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return torch.ops.sparks.conv2d.default(
+    return _run(
+        torch.ops.sparks.conv2d.default,
         input, codebook, indices, scale, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), int(groups), float(pad_value), threshold, residual,
         prelu_weight, post_bias)
@@ -138,7 +171,8 @@ def binary_conv2d(
     prelu_weight: Optional[torch.Tensor] = None,
     post_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return torch.ops.sparks.binary_conv2d.default(
+    return _run(
+        torch.ops.sparks.binary_conv2d.default,
         input, weight, scale, bias, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), int(groups), float(pad_value), threshold, residual,
         prelu_weight, post_bias)

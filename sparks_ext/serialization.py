@@ -150,8 +150,9 @@ def _decode(name: str, blob: bytes, encoding: str, dtype: torch.dtype, shape: tu
 # (file_config), other modules' read back from their attributes.
 
 def _namespaces() -> dict:
-    from . import nn as sparks_nn
-    spaces = {"torch.nn": nn, "sparks_ext.nn": sparks_nn}
+    from . import fuse, nn as sparks_nn
+    # sparks_ext.fuse: the real layers a fused model deploys (OneDnnConv2d)
+    spaces = {"torch.nn": nn, "sparks_ext.nn": sparks_nn, "sparks_ext.fuse": fuse}
     try:
         from . import models
         spaces["sparks_ext.models"] = models
@@ -178,7 +179,7 @@ def _resolve(name: str) -> type:
     cls = getattr(space, cls_name, None) if space is not None else None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise _NotAllowed(f"the file's architecture names {name!r}, which is not a layer of "
-                         f"torch.nn, sparks_ext.nn or sparks_ext.models; pass model= to load into")
+                         f"torch.nn, sparks_ext.nn, sparks_ext.fuse or sparks_ext.models; pass model= to load into")
     return cls
 
 

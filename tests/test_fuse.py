@@ -29,6 +29,8 @@ from sparks_ext.nn import BinaryConv2d, CodebookConv2d, SparksConv2d, XnorConv2d
 from sparks_ext.quantizers import BinaryActivation, LearnableBias, RPReLU, RSign
 
 F32_ULPS = 64 * torch.finfo(torch.float32).eps
+# The op a fused model's 1x1 conv (OneDnnConv2d) runs on a channels_last input with autograd off
+REAL_CONV_OP = "mkldnn._convolution_pointwise" if sparks_ext.fuse._PACKED_CONVOLUTION is not None else "aten.conv2d"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -127,6 +129,7 @@ def test_library_basic_block(kind, stride, c_in, c_out):
     assert isinstance(fused, fx.GraphModule)  # residuals: a graph
     ops = ops_called(fused, x)
     op = "sparks.conv2d" if kind == "sparks" else "sparks.binary_conv2d"
+    # x is contiguous: the shortcut's OneDnnConv2d is the plain conv
     shortcut = [] if stride == 1 and c_in == c_out else (["aten.avg_pool2d"] if stride == 2 else []) + ["aten.conv2d"]
     assert sorted(ops) == sorted([op, op] + shortcut)  # one call per conv, BN folded in the shortcut
     convs = [m for m in fused.modules() if is_fusable_conv(m)]
@@ -245,6 +248,194 @@ def test_residual_the_op_cannot_take_is_added_after_it():
     torch.testing.assert_close(layer(x, full), fused_ref, rtol=0, atol=F32_ULPS * fused_ref.abs().max().item())
 
 
+# --- real layers: OneDnnConv2d, ReLU behind the max-pool -----------------------------------------
+
+def _conv_tolerance(conv: nn.Conv2d, x: torch.Tensor) -> float:
+    """A float sum of K products, in any order, is within K ulps of the sum of the magnitudes:
+    64 ulps of the largest |W| * |x| conv output (K <= 64 * 9 here, errors rarely add up)."""
+    bound = F.conv2d(x.abs().double(), conv.weight.detach().abs().double(), None, conv.stride,
+                     conv.padding, conv.dilation, conv.groups)
+    return 64 * torch.finfo(x.dtype).eps * bound.max().item() * 8
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kernel,stride,padding,groups", [
+    (1, 1, 0, 1), (1, 2, 0, 1), (1, 2, 0, 4), (1, (2, 1), 0, 1), (3, 2, 1, 2), (7, 2, 3, 1)])
+def test_onednn_conv2d_equals_the_conv(kernel, stride, padding, groups, batch, layout):
+    torch.manual_seed(11)
+    conv = nn.Conv2d(8, 16, kernel, stride, padding, groups=groups, bias=groups != 4).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    assert layer.weight is conv.weight and set(layer.state_dict()) == set(conv.state_dict())
+    x = torch.randn(batch, 8, 11, 9)  # odd sizes: a stride-2 conv drops the last row / column
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, got = conv(x), layer(x)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= _conv_tolerance(conv, x)
+        conv.double()  # the layer holds the conv's parameters: both float64, aten's conv
+        assert torch.equal(layer(x.double()), conv(x.double()))
+        conv.float()
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            xb = x.bfloat16()
+            conv_b = copy.deepcopy(conv).bfloat16()
+            got_b = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv_b)(xb)
+            assert got_b.dtype == torch.bfloat16
+            torch.testing.assert_close(got_b.float(), conv_b(xb).float(), rtol=2e-2, atol=2e-2)
+    ops = ops_called(layer, x)
+    real = REAL_CONV_OP if kernel == 1 and layout == "channels_last" else "aten.conv2d"
+    assert ops[-1:] == [real] and set(ops[:-1]) <= {"mkldnn._reorder_convolution_weight"}
+    assert ops_called(layer, x) == [real]  # a 1x1 weight packed once per input shape
+    log = _OpLog()
+    with log:
+        layer(x)  # autograd on: the plain conv
+    assert REAL_CONV_OP not in log.ops and "mkldnn._reorder_convolution_weight" not in log.ops
+    # autograd: the same gradients as the conv's
+    xg = x.clone().requires_grad_()
+    layer(xg).square().sum().backward()
+    grad_layer, grad_w = xg.grad.clone(), conv.weight.grad.clone()
+    xg.grad = None
+    conv.weight.grad = None
+    conv(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad, grad_layer, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.weight.grad, grad_w, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(sparks_ext.fuse._PACKED_CONVOLUTION is None, reason="no oneDNN")
+@pytest.mark.parametrize("batch,c_in,c_out,size,stride", [
+    (1, 64, 128, 28, 1), (1, 256, 512, 14, 2), (16, 64, 128, 56, 2), (3, 8, 24, 9, 2), (2, 3, 5, 7, 1)])
+def test_onednn_conv2d_packed_gives_the_unpacked_bits(batch, c_in, c_out, size, stride):
+    """The packed-weight call (1x1, channels_last, autograd off) against oneDNN's plain one and,
+    at batch 16 (where aten picks oneDNN too), against the conv."""
+    torch.manual_seed(14)
+    conv = nn.Conv2d(c_in, c_out, 1, stride).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        packed = layer(x)
+        assert ops_called(layer, x) == [REAL_CONV_OP]
+        plain = torch.mkldnn_convolution(x, conv.weight, conv.bias, [0, 0], [stride, stride], [1, 1], 1)
+    assert torch.equal(packed, plain) and packed.is_contiguous(memory_format=torch.channels_last)
+    if batch == 16:
+        with torch.no_grad():
+            assert torch.equal(packed, conv(x))
+
+
+def test_onednn_conv2d_repacks_its_weight_when_it_changes():
+    """With autograd off the layer keeps its weight in oneDNN's layout per input shape: an
+    in-place update, a new weight tensor, another shape or layout, a copy all give the conv."""
+    torch.manual_seed(13)
+    conv = nn.Conv2d(16, 32, 1).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    x = torch.randn(1, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+
+    def check(inp):
+        expected, got = conv(inp), layer(inp)
+        assert (got - expected).abs().max().item() <= _conv_tolerance(conv, inp)
+
+    with torch.inference_mode():
+        check(x)
+    with torch.no_grad():
+        check(x)
+        conv.weight.mul_(-3)  # in place: same storage, new version
+        check(x)
+        conv.weight.data = torch.randn(32, 16, 1, 1)  # another tensor
+        check(x)
+        conv.load_state_dict({"weight": torch.randn(32, 16, 1, 1), "bias": torch.randn(32)})
+        check(x)
+        check(torch.randn(4, 16, 9, 5).contiguous(memory_format=torch.channels_last))  # another shape
+        check(torch.randn(4, 16, 9, 5))  # contiguous: unpacked
+        check(x)
+        twin = copy.deepcopy(layer)
+        assert set(twin.state_dict()) == {"weight", "bias"}
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+        twin.weight.add_(1)  # the copy's own weight: the original keeps its packed one
+        check(x)
+        assert not torch.equal(twin(x), layer(x))
+    with torch.inference_mode():  # a model made in inference mode: its weight has no version
+        made = sparks_ext.fuse.OneDnnConv2d.from_conv2d(nn.Conv2d(16, 32, 1))
+        made.weight.mul_(2)
+        assert ops_called(made, x) == ["aten.conv2d"]
+        torch.testing.assert_close(made(x), F.conv2d(x, made.weight, made.bias))
+
+
+class _StridedShortcutBlock(nn.Module):
+    """A binary conv whose residual is a 1x1 stride-2 real conv + BatchNorm (no avg-pool), groups
+    optional, behind a stem with conv, BN, ReLU, max-pool."""
+
+    def __init__(self, kind, groups):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.conv = _binary(kind, 8, 16, stride=2)
+        self.bn = nn.BatchNorm2d(16)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 16, 1, 2, groups=groups, bias=False), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.bn(self.conv(x)) + self.shortcut(x)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_shortcut_and_stem_deployed(kind, groups, batch, layout):
+    torch.manual_seed(12)
+    model = randomize(_StridedShortcutBlock(kind, groups))
+    fused = sparks_ext.convert(model)
+    assert isinstance(fused.get_submodule("shortcut.0"), sparks_ext.fuse.OneDnnConv2d)
+    assert type(fused.get_submodule("stem.0")) is nn.Conv2d  # 3x3: aten picks oneDNN itself
+    order = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert order.index("stem.3") < order.index("stem.2")  # the ReLU runs on the pooled tensor
+    x = torch.randn(batch, 3, 13, 11)  # odd: 13x11 -> pooled 7x6 -> strided 4x3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused(x)  # packs the shortcut's weight
+    ops = ops_called(fused, x)
+    shortcut = REAL_CONV_OP if layout == "channels_last" else "aten.conv2d"
+    assert sorted(op for op in ops if op in (REAL_CONV_OP, "aten.conv2d")) == sorted(["aten.conv2d", shortcut])
+    assert "batch_norm" not in " ".join(ops)
+    pool = next(i for i, op in enumerate(ops) if op.startswith("aten.max_pool2d"))
+    assert pool < ops.index("aten.relu_")
+    with torch.no_grad():
+        assert torch.equal(fused(x).argmax(1), model(x).argmax(1))
+        got, expected = fused(x), model(x)
+    scale = expected.abs().max().item()
+    # float32, BN folded: rounding-sized; a flipped binarization would move a value by ~2 * scale
+    assert (got - expected).abs().max().item() <= 1e-4 * scale
+    unfused, fused64 = _fused64(model)
+    _assert_close64(fused64(x.double()), unfused(x.double()))
+
+
+@pytest.mark.parametrize("reads", ["output", "input"])
+def test_relu_with_other_readers_stays_in_front_of_the_max_pool(reads):
+    class TwoReaders(nn.Module):
+        """The ReLU's output (or, for an in-place ReLU, its input) is read by another node."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv = _binary("sparks", 4, 4)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=reads == "input")
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            z = self.bn(self.conv(x))
+            y = self.relu(z)
+            return self.pool(y).sum() + (y if reads == "output" else z).sum()
+
+    model = randomize(TwoReaders())
+    fused = sparks_ext.convert(model)
+    order = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert order.index("relu") < order.index("pool")
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
 # --- every model ---------------------------------------------------------------------------------
 
 MODELS = {
@@ -319,7 +510,8 @@ def test_bf16_deploy_runs_binary_convs_in_bf16_channels_last():
         out = deployed(x)
         ref = model(x)
     assert out.dtype == torch.bfloat16
-    assert sorted(k for k, *_ in seen) == sorted(["binary"] * 16 + ["Conv2d"] * 4 + ["Linear"])
+    # the 1x1 shortcut convs deployed on oneDNN, the stem's conv as it was
+    assert sorted(k for k, *_ in seen) == sorted(["binary"] * 16 + ["Conv2d"] + ["OneDnnConv2d"] * 3 + ["Linear"])
     assert all(d == torch.bfloat16 and o == torch.bfloat16 for _, d, _, o in seen)
     assert all(cl for k, _, cl, _ in seen if k != "Linear")  # convs read channels_last
     assert all(t.dtype == torch.bfloat16 for t in deployed.state_dict().values() if t.is_floating_point())
@@ -397,6 +589,7 @@ def test_fused_model_save_load(tmp_path, dtype):
     size = sparks_ext.save(fused, path)
     header = serialization.read_header(path)
     assert header["architecture"]["class"] == "torch.fx.GraphModule"
+    assert header["architecture"]["modules"]["layers.1.shortcut.1"]["class"] == "sparks_ext.fuse.OneDnnConv2d"
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         expected = fused(x)

@@ -392,3 +392,41 @@ def test_torch_compile_fullgraph_with_fused_arguments(device):
     torch.compiler.reset()
     compiled = torch.compile(block, fullgraph=True)
     assert torch.equal(compiled(x), want)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "binary_conv2d"])
+def test_no_grad_call_equals_the_autograd_call(op):
+    """Under torch.no_grad() the wrappers call the op below the Autograd key (skipping the Python
+    autograd kernel): the same bits as with autograd on and under inference_mode, no graph."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 8, 9, 7, generator=g).requires_grad_()
+    if op == "conv2d":
+        weights = (torch.randint(0, 2, (16, 3, 3), generator=g).to(torch.int8) * 2 - 1,
+                   torch.randint(0, 16, (6, 4), generator=g))
+    else:
+        weights = (torch.randint(0, 2, (6, 4, 3, 3), generator=g).float() * 2 - 1,)
+    extra = dict(threshold=torch.randn(8, generator=g) * 0.3, prelu_weight=torch.rand(6, generator=g),
+                 post_bias=torch.randn(6, generator=g))
+    scale, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    fn = getattr(sparks_ext, op)
+
+    def call():
+        return fn(x, *weights, scale, bias, (2, 1), 1, 1, 2, 0.0, **extra)
+
+    with_grad = call()
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        without = call()
+        with torch.enable_grad():  # grad re-enabled inside: the autograd path again
+            assert call().grad_fn is not None
+    with torch.inference_mode():
+        inference = call()
+    assert without.grad_fn is None and not without.requires_grad
+    assert torch.equal(without, with_grad.detach()) and torch.equal(inference, without)
+
+
+@pytest.mark.parametrize("value", [True, (1, True), (1, 2 ** 63), 2 ** 63, -2 ** 63 - 1, (1, 2, 3), (1.0, 1), "11"])
+def test_pair_arguments_off_the_fast_path_keep_their_errors(value):
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="stride"):
+        sparks_ext.binary_conv2d(x, torch.ones(4, 4, 3, 3), stride=value)
