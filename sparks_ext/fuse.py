@@ -51,6 +51,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from . import quantizers
@@ -98,6 +99,25 @@ def _mkldnn_op(name: str):
 
 _REORDER_WEIGHT = _mkldnn_op("_reorder_convolution_weight")
 _PACKED_CONVOLUTION = _mkldnn_op("_convolution_pointwise") if _REORDER_WEIGHT is not None else None
+_PACKED_PATH_WORKS: Optional[bool] = None
+
+
+def _packed_path_works() -> bool:
+    """Whether this torch's private oneDNN ops (those inductor calls) take the arguments used
+    here and compute the conv: probed once, at the first packed call. A torch that renamed or
+    changed them sends OneDnnConv2d to ``nn.Conv2d``'s forward instead of failing."""
+    global _PACKED_PATH_WORKS
+    if _PACKED_PATH_WORKS is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 8, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(16, 8, 1, 1, generator=g), torch.randn(16, generator=g)
+            packed = _REORDER_WEIGHT(w, [0, 0], [2, 2], [1, 1], 1, list(x.shape))
+            y = _PACKED_CONVOLUTION(x, packed, b, [0, 0], [2, 2], [1, 1], 1, "none", [], "")
+            _PACKED_PATH_WORKS = bool(torch.allclose(y, F.conv2d(x, w, b, 2), rtol=1e-4, atol=1e-5))
+        except Exception:  # noqa: BLE001 - any failure of a private op means: do not use it
+            _PACKED_PATH_WORKS = False
+    return _PACKED_PATH_WORKS
 # OneDnnConv2d -> (weight alias, its version, input shape, weight in oneDNN's layout).
 # Outside the layers, so that copies, state dicts and files never see the opaque tensor; the
 # alias keeps the packed weight's storage alive, so no other weight can take its address.
@@ -137,7 +157,8 @@ class OneDnnConv2d(nn.Conv2d):
                 and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
                 and self.kernel_size == (1, 1) and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and not weight.is_inference()
-                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+                and _packed_path_works()):
             return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding, self.stride,
                                        self.dilation, self.groups, "none", [], "")
         return super().forward(x)

@@ -30,7 +30,7 @@ from sparks_ext.quantizers import BinaryActivation, LearnableBias, RPReLU, RSign
 
 F32_ULPS = 64 * torch.finfo(torch.float32).eps
 # The op a fused model's 1x1 conv (OneDnnConv2d) runs on a channels_last input with autograd off
-REAL_CONV_OP = "mkldnn._convolution_pointwise" if sparks_ext.fuse._PACKED_CONVOLUTION is not None else "aten.conv2d"
+REAL_CONV_OP = "mkldnn._convolution_pointwise" if sparks_ext.fuse._packed_path_works() else "aten.conv2d"
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -302,7 +302,7 @@ def test_onednn_conv2d_equals_the_conv(kernel, stride, padding, groups, batch, l
     torch.testing.assert_close(conv.weight.grad, grad_w, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.skipif(sparks_ext.fuse._PACKED_CONVOLUTION is None, reason="no oneDNN")
+@pytest.mark.skipif(not sparks_ext.fuse._packed_path_works(), reason="no working oneDNN packed conv")
 @pytest.mark.parametrize("batch,c_in,c_out,size,stride", [
     (1, 64, 128, 28, 1), (1, 256, 512, 14, 2), (16, 64, 128, 56, 2), (3, 8, 24, 9, 2), (2, 3, 5, 7, 1)])
 def test_onednn_conv2d_packed_gives_the_unpacked_bits(batch, c_in, c_out, size, stride):
@@ -320,6 +320,24 @@ def test_onednn_conv2d_packed_gives_the_unpacked_bits(batch, c_in, c_out, size, 
     if batch == 16:
         with torch.no_grad():
             assert torch.equal(packed, conv(x))
+
+
+def test_onednn_conv2d_falls_back_where_the_private_ops_fail(monkeypatch):
+    """A torch whose private oneDNN ops are gone or changed: the probe says no and the layer is
+    nn.Conv2d's forward, with the same result."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("changed signature")
+
+    monkeypatch.setattr(sparks_ext.fuse, "_PACKED_PATH_WORKS", None)
+    monkeypatch.setattr(sparks_ext.fuse, "_PACKED_CONVOLUTION", broken)
+    assert not sparks_ext.fuse._packed_path_works()
+    torch.manual_seed(14)
+    conv = nn.Conv2d(16, 32, 1, stride=2).eval()
+    layer = sparks_ext.fuse.OneDnnConv2d.from_conv2d(conv)
+    x = torch.randn(1, 16, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert ops_called(layer, x) == ["aten.conv2d"]
+        torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)
 
 
 def test_onednn_conv2d_repacks_its_weight_when_it_changes():
