@@ -346,6 +346,14 @@ def _materialise(model: nn.Module, spec: dict, state: dict) -> nn.Module:
     """The meta-built ``model`` holding ``state``'s tensors. A module with tensors that are not
     in the state dict (non-persistent buffers a constructor computes) is built for real instead:
     by now the file's tensors are known to match it, so its size is the file's."""
+    # assign=True takes the decoded (contiguous) tensors as they are: give the channels_last
+    # ones the layout the model was built with, which the kernels read without a copy.
+    built = model.state_dict()
+    for name, t in state.items():
+        like = built.get(name)
+        if like is not None and like.dim() == 4 and not like.is_contiguous() \
+                and like.is_contiguous(memory_format=torch.channels_last):
+            state[name] = t.contiguous(memory_format=torch.channels_last)
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         model = _build(spec)

@@ -221,6 +221,26 @@ def test_sequential_of_library_layers_is_rebuilt(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_rebuilt_tensors_keep_their_memory_format(tmp_path, fuse):
+    """A rebuilt model holds each tensor in the layout it was saved in (XnorConv2d's bool weight
+    channels_last: the layout binary_conv2d packs without a copy per call)."""
+    trained = trained_small_cnn("binary", steps=1)
+    if fuse:
+        model, x = sparks_ext.convert(trained), torch.randn(2, 1, 8, 8)
+    else:
+        xnor = [m for m in sparks_ext.convert(trained, fuse=False).modules() if isinstance(m, sparks_ext.nn.XnorConv2d)]
+        model, x = nn.Sequential(xnor[0], nn.ReLU(), xnor[1]).eval(), torch.randn(2, 16, 8, 8)
+    path = tmp_path / "m.spk"
+    sparks_ext.save(model, path)
+    loaded = sparks_ext.load(path)
+    saved = dict(model.state_dict())
+    assert any(t.dtype == torch.bool and t.dim() == 4 and not t.is_contiguous() for t in saved.values())
+    for name, t in loaded.state_dict().items():
+        assert t.stride() == saved[name].stride(), name
+    assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("keep", [0, 5, 20, 60, -1])
 def test_truncated_file(tmp_path, keep):
     path = tmp_path / "m.spk"

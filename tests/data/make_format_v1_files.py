@@ -1,4 +1,4 @@
-"""Writes the format-1 files of tests/data that tests/test_serialization_compat.py loads.
+"""Writes the format-1 files of tests/data that tests/test_format_v1_files.py loads.
 
 The files were written once, by the code of the commit that added this script, and are kept as
 they are: they are what earlier releases wrote, so a change to the layers or to the file format
@@ -9,11 +9,8 @@ the files with newer code.
     PYTHONPATH=. python tests/data/make_format_v1_files.py    # from the repository root, built
 
 Each file holds a small converted model of one layer kind; ``format_v1_outputs.pt`` holds an
-input per file and the model's output on it (``torch.load(..., weights_only=True)`` reads it);
-``format_v1_resaved.json`` holds, per file, the header fields that the same code writes when it
-saves the model it loaded from the file again (how the layers describe themselves to the format).
+input per file and the model's output on it (``torch.load(..., weights_only=True)`` reads it).
 """
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +20,6 @@ import sparks_ext
 from sparks_ext.models import SmallCNN
 from sparks_ext.nn import (BinaryConv2d, CodebookConv2d, ExpertBinaryConv2d, SignedBinaryConv2d,
                            SparksConv2d)
-from sparks_ext.serialization import read_header
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,11 +85,8 @@ def models():
     yield "small_cnn_sparks_bfloat16", cnn.eval(), x1
 
 
-HEADER_FIELDS = ("architecture", "tensors", "deploy", "payload_sha256", "model", "version", "format")
-
-
 def main() -> None:
-    outputs, resaved = {}, {}
+    outputs = {}
     for stem, model, x in models():
         path = HERE / f"format_v1_{stem}.spk"
         dtype = torch.bfloat16 if stem.endswith("bfloat16") else None
@@ -103,16 +96,8 @@ def main() -> None:
             outputs[stem] = {"input": x, "output": converted(x)}
             loaded = sparks_ext.load(path)
             assert torch.equal(loaded(x), outputs[stem]["output"]), stem
-        again = HERE / "resaved.spk"
-        sparks_ext.save(loaded, again)
-        header = read_header(again)
-        again.unlink()
-        resaved[stem] = {field: header[field] for field in HEADER_FIELDS}
         print(f"{path.name}: {path.stat().st_size} bytes")
     torch.save(outputs, HERE / "format_v1_outputs.pt")
-    with open(HERE / "format_v1_resaved.json", "w") as f:
-        json.dump(resaved, f, indent=1, sort_keys=True)
-        f.write("\n")
 
 
 if __name__ == "__main__":
