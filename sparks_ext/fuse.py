@@ -151,14 +151,16 @@ class OneDnnConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if (_PACKED_CONVOLUTION is not None and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
+        # torch.compile / torch.export first: they trace the plain conv (and cannot trace
+        # is_inference()); the rest is eager mode's choice.
+        if (not torch.compiler.is_compiling() and _PACKED_CONVOLUTION is not None
+                and not torch.is_grad_enabled() and x.dtype in _ONEDNN_DTYPES
                 and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0 and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last) and weight.dtype == x.dtype
                 and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
                 and self.kernel_size == (1, 1) and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and not weight.is_inference()
-                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
-                and _packed_path_works()):
+                and torch.backends.mkldnn.enabled and _packed_path_works()):
             return _PACKED_CONVOLUTION(x, self._packed_weight(x, weight), bias, self.padding, self.stride,
                                        self.dilation, self.groups, "none", [], "")
         return super().forward(x)

@@ -589,6 +589,23 @@ def test_fused_model_compiles_and_exports(kind):
         assert torch.equal(exported.module()(x), expected)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_model_with_a_real_shortcut_compiles_and_exports(kind):
+    """The 1x1 shortcut's OneDnnConv2d under torch.compile(fullgraph=True) and torch.export, on
+    the channels_last input that takes its packed path in eager mode."""
+    torch.manual_seed(15)
+    fused = sparks_ext.convert(randomize(_StridedShortcutBlock(kind, 1)))
+    x = torch.randn(2, 3, 13, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = fused(x)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=F32_ULPS * expected.abs().max().item())
+        torch.compiler.reset()
+        exported = torch.export.export(fused, (x,))
+        torch.testing.assert_close(exported.module()(x), expected, rtol=0,
+                                   atol=F32_ULPS * expected.abs().max().item())
+
+
 def test_fused_model_compiles_with_inductor():
     _, fused = _small_fused()
     x = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
