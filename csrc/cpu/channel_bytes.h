@@ -17,8 +17,7 @@ namespace cpu {
 
 #if defined(__x86_64__)
 // core::PackBytes with one masked load and one byte test: count <= 64 bytes.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline uint64_t pack_bytes_avx512(const uint8_t* b,
-                                                                                     int64_t count) {
+SPARKS_AVX512 inline uint64_t pack_bytes_avx512(const uint8_t* b, int64_t count) {
   const __mmask64 m = count >= 64 ? ~__mmask64{0} : ((__mmask64{1} << count) - 1);
   const __m512i v = _mm512_maskz_loadu_epi8(m, b);
   return _mm512_test_epi8_mask(v, v);

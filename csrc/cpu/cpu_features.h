@@ -23,6 +23,12 @@
 #define SPARKS_AMX_COMPILED 0
 #endif
 
+#if defined(__x86_64__)
+// The target of the AVX-512 F/BW/VL helpers the families share (input and weight packing, the
+// output writer); the kernels' own files name the extensions they need.
+#define SPARKS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#endif
+
 namespace sparks {
 namespace cpu {
 

@@ -8,7 +8,6 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#define SPARKS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #endif
 
 namespace sparks {
