@@ -92,6 +92,9 @@ _SEMANTICS = r"""
 """
 
 
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
 def _run(op, *args):
     """``op(*args)``. With autograd off (``torch.no_grad()``), below the Autograd dispatch key:
     the Python autograd kernel registered below would only forward the call there (~5 us per
@@ -101,9 +104,6 @@ def _run(op, *args):
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
-
-
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 def conv2d(

@@ -56,7 +56,10 @@ void check_index_range(const at::Tensor& indices, int64_t n) {
 }
 
 at::Tensor index_table(const at::Tensor& indices) {
-  if (indices.scalar_type() == at::kByte && indices.t().is_contiguous()) return indices.t();
+  if (indices.scalar_type() == at::kByte) {  // stored transposed already: used as it is
+    at::Tensor table = indices.t();
+    if (table.is_contiguous()) return table;
+  }
   const int64_t rows = indices.size(0), cols = indices.size(1);
   const at::Tensor src = dispatchable(indices);
   at::Tensor table = at::empty({cols, rows}, indices.options().dtype(at::kByte));
